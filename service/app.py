@@ -1,0 +1,123 @@
+"""``create_app(config)``: the Starlette application with its routes, middleware and lifespan."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service import health, openapi, settings
+from service.auth import routes as auth_routes
+from service.auth.credentials import Credentials
+from service.auth.guard import DashboardGuard
+from service.config import Config
+from service.errors import (
+    MethodNotAllowed,
+    NotFound,
+    ServiceError,
+    dashboard_error_response,
+    openai_error_response,
+)
+from service.live import LiveSettings
+from service.redis_store import Store, connect
+from service.routing import Endpoint, build_routes
+from service.secret_box import KeyError_, SecretBox, load_key
+from service.state import Services
+
+log = logging.getLogger(__name__)
+
+PROXY_PREFIXES = ("/v1/", "/backend-api/")
+
+
+def endpoints() -> list[Endpoint]:
+    table = [*health.ENDPOINTS, *auth_routes.ENDPOINTS, *settings.ENDPOINTS]
+    openapi.endpoint(table)
+    return table
+
+
+def _error_response(request: Request, exc: ServiceError) -> Response:
+    if request.url.path.startswith(PROXY_PREFIXES):
+        return openai_error_response(exc)
+    return dashboard_error_response(exc)
+
+
+async def _service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    return _error_response(request, exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    mapped: ServiceError
+    if exc.status_code == 404:
+        mapped = NotFound()
+    elif exc.status_code == 405:
+        mapped = MethodNotAllowed()
+    else:
+        mapped = ServiceError()
+        mapped.status = exc.status_code
+    return _error_response(request, mapped)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return _error_response(request, ServiceError())
+
+
+def create_app(config: Config) -> Starlette:
+    if not config.redis_url:
+        raise ValueError("create_app needs CODEX_LB_REDIS_URL (the CLI sets it for embedded Redis)")
+    redis_url = config.redis_url
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        box = SecretBox(load_key(config))
+        store = Store(connect(redis_url), config.redis_prefix)
+        live = LiveSettings(store, reconcile_seconds=config.settings_reconcile_seconds)
+        svc = Services(config=config, store=store, live=live, box=box)
+        creds = Credentials(store, box, config.bootstrap_token)
+
+        async def first_contact() -> None:
+            try:
+                await creds.check_key_fingerprint()
+            except KeyError_ as exc:
+                # Secrets sealed under another key would not open: refuse to serve at all.
+                log.critical("%s", exc)
+                svc.draining = True
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            await creds.ensure_bootstrap_token()
+
+        live.on_first_contact.append(first_contact)
+        app.state.services = svc
+        await live.start()
+        try:
+            yield
+        finally:
+            svc.draining = True
+            await live.stop()
+            await store.close()
+
+    return Starlette(
+        routes=build_routes(endpoints()),
+        middleware=[Middleware(DashboardGuard)],
+        exception_handlers={
+            ServiceError: _service_error,
+            HTTPException: _http_error,
+            Exception: _unexpected,
+        },
+        lifespan=lifespan,
+    )
+
+
+def create_app_from_env() -> Starlette:
+    """Factory for uvicorn worker processes."""
+    return create_app(Config.from_env())

@@ -1,0 +1,1 @@
+"""Dashboard authentication: password, optional TOTP, server-side sessions."""

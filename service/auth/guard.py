@@ -1,0 +1,68 @@
+"""The dashboard gate, by path, in front of every route (pure ASGI middleware).
+
+For ``/api/*``: refuses cross-origin writes (403), requires a full session everywhere except
+the login routes and the usage route (401), and marks responses ``Cache-Control: no-store``.
+A Redis failure while checking a session denies (503): an error never grants access.
+"""
+
+from __future__ import annotations
+
+from starlette.datastructures import MutableHeaders
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.auth import sessions
+from service.clients import own_origin
+from service.errors import (
+    CsrfRejected,
+    ServiceError,
+    TotpRequired,
+    Unauthorized,
+    dashboard_error_response,
+)
+from service.state import Services
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+PUBLIC_PREFIXES = ("/api/dashboard-auth/", "/api/codex/usage")
+
+
+class DashboardGuard:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+            await self.app(scope, receive, send)
+            return
+
+        async def send_no_store(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["Cache-Control"] = "no-store"
+            await send(message)
+
+        conn = HTTPConnection(scope)
+        svc: Services = scope["app"].state.services
+        try:
+            self._check_origin(conn, svc)
+            if not scope["path"].startswith(PUBLIC_PREFIXES):
+                session = await sessions.resolve(svc.store, svc.config, conn)
+                if session is None:
+                    raise Unauthorized()
+                if session.totp_pending:
+                    raise TotpRequired()
+        except ServiceError as exc:
+            await dashboard_error_response(exc)(scope, receive, send)
+            return
+        await self.app(scope, receive, send_no_store)
+
+    @staticmethod
+    def _check_origin(conn: HTTPConnection, svc: Services) -> None:
+        if conn.scope["method"] in SAFE_METHODS:
+            return
+        if conn.headers.get("sec-fetch-site") == "cross-site":
+            raise CsrfRejected()
+        origin = conn.headers.get("origin")
+        if origin is not None and origin.lower() != own_origin(
+            conn, svc.config.trusted_proxy_cidrs
+        ):
+            raise CsrfRejected()

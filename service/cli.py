@@ -1,0 +1,135 @@
+"""``codex-lb serve|admin ...``.
+
+Without ``CODEX_LB_REDIS_URL`` every command uses the embedded redis-server in the data dir,
+starting it for the command's duration unless a running ``serve`` already has it up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+
+from service import __version__
+from service.auth.credentials import Credentials
+from service.config import Config, ConfigError
+from service.embedded_redis import EmbeddedRedisError, embedded_redis
+from service.errors import ServiceError
+from service.live import LiveSettings
+from service.logs import configure
+from service.redis_store import open_store
+from service.secret_box import KeyError_, SecretBox, load_key
+
+log = logging.getLogger("codex_lb")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="codex-lb", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=2455)
+    serve.add_argument("--workers", type=int, default=1, help="OS worker processes")
+
+    admin = commands.add_parser("admin", help="operator commands")
+    actions = admin.add_subparsers(dest="action", required=True)
+    actions.add_parser(
+        "set-password",
+        help="set or reset the dashboard password (read from stdin); "
+        "ends all sessions and clears failed-login lockouts",
+    )
+    actions.add_parser("reset-totp", help="remove TOTP and the login requirement")
+    actions.add_parser("bootstrap-token", help="print the first-run bootstrap token, if any")
+    return parser
+
+
+@contextlib.contextmanager
+def _redis(config: Config) -> Iterator[Config]:
+    """The config with a Redis URL: the configured one, or the embedded server's."""
+    if config.redis_url:
+        yield config
+        return
+    with embedded_redis(config.data_dir) as url:
+        # Worker processes read their configuration from the environment.
+        os.environ["CODEX_LB_REDIS_URL"] = url
+        yield Config.from_env()
+
+
+async def _prepare(config: Config) -> str | None:
+    """Check the key against the deployment, set up first-run state; the bootstrap token if
+    one is still needed."""
+    assert config.redis_url
+    box = SecretBox(load_key(config))
+    async with open_store(config.redis_url, config.redis_prefix) as store:
+        creds = Credentials(store, box, config.bootstrap_token)
+        await creds.check_key_fingerprint()
+        await LiveSettings(store, reconcile_seconds=1.0).sync()
+        if await creds.password_configured():
+            return None
+        await creds.ensure_bootstrap_token()
+        return await creds.bootstrap_token()
+
+
+def _serve(config: Config, args: argparse.Namespace) -> int:
+    from service.server import serve
+
+    try:
+        token = asyncio.run(_prepare(config))
+    except ServiceError:
+        log.warning("Redis is not reachable yet; starting anyway (not ready until it is)")
+        token = None
+    print(f"codex-lb {__version__} listening on http://{args.host}:{args.port}", flush=True)
+    if token:
+        print(f"First run: set the dashboard password with bootstrap token {token}", flush=True)
+    return serve(args.host, args.port, max(1, args.workers))
+
+
+async def _admin(config: Config, action: str) -> int:
+    assert config.redis_url
+    box = SecretBox(load_key(config))
+    async with open_store(config.redis_url, config.redis_prefix) as store:
+        creds = Credentials(store, box, config.bootstrap_token)
+        await creds.check_key_fingerprint()
+        if action == "set-password":
+            password = sys.stdin.readline().rstrip("\r\n")
+            if not 8 <= len(password) <= 1024:
+                print("password must be 8 to 1024 characters", file=sys.stderr)
+                return 2
+            ended = await creds.set_password(password)
+            cleared = await store.clear_attempts()
+            print(f"password set; {ended} session(s) ended, {cleared} lockout counter(s) cleared")
+        elif action == "reset-totp":
+            live = LiveSettings(store, reconcile_seconds=1.0)
+            await live.sync()
+            record = await creds.remove_totp(live)
+            print(f"TOTP removed and not required (settings version {record.version})")
+        else:
+            token = await creds.bootstrap_token()
+            if token is None or await creds.password_configured():
+                print("no bootstrap token: the dashboard password is already set", file=sys.stderr)
+                return 1
+            print(token)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = Config.from_env()
+        configure(config.log_format)
+        with _redis(config) as config:
+            if args.command == "serve":
+                return _serve(config, args)
+            return asyncio.run(_admin(config, args.action))
+    except (ConfigError, EmbeddedRedisError, KeyError_) as exc:
+        print(f"codex-lb: {exc}", file=sys.stderr)
+        return 1
+    except ServiceError as exc:
+        print(f"codex-lb: {exc.message}", file=sys.stderr)
+        return 1

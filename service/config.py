@@ -1,0 +1,97 @@
+"""Configuration, read once from the ``CODEX_LB_*`` environment at start-up.
+
+Runtime state (connections, live copies) lives elsewhere; this is plain data.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_UPSTREAM_BASE_URL = "https://chatgpt.com/backend-api"
+DEFAULT_AUTH_BASE_URL = "https://auth.openai.com"
+
+
+class ConfigError(ValueError):
+    """A ``CODEX_LB_*`` variable has a value we cannot use."""
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    redis_url: str | None = None
+    redis_prefix: str = "codexlb:"
+    data_dir: Path = Path("~/.codex-lb").expanduser()
+    bootstrap_token: str | None = None
+    encryption_key: str | None = None
+    encryption_key_file: Path | None = None
+    upstream_base_url: str = DEFAULT_UPSTREAM_BASE_URL
+    auth_base_url: str = DEFAULT_AUTH_BASE_URL
+    session_idle_seconds: int = 7200
+    session_max_seconds: int = 43200
+    cookie_secure: Literal["auto", "true", "false"] = "auto"
+    trusted_proxy_cidrs: tuple[Network, ...] = ()
+    proxy_unauthenticated_client_cidrs: tuple[Network, ...] = ()
+    settings_reconcile_seconds: float = 1.0
+    log_format: Literal["text", "json"] = "text"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        env = os.environ if env is None else env
+
+        def get(name: str) -> str | None:
+            value = env.get(f"CODEX_LB_{name}", "").strip()
+            return value or None
+
+        def number(name: str, default: float, *, minimum: float) -> float:
+            raw = get(name)
+            if raw is None:
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ConfigError(f"CODEX_LB_{name} must be a number, got {raw!r}") from None
+            if value < minimum:
+                raise ConfigError(f"CODEX_LB_{name} must be at least {minimum}, got {raw!r}")
+            return value
+
+        def choice(name: str, allowed: tuple[str, ...], default: str) -> str:
+            raw = (get(name) or default).lower()
+            if raw not in allowed:
+                raise ConfigError(f"CODEX_LB_{name} must be one of {', '.join(allowed)}")
+            return raw
+
+        def cidrs(name: str) -> tuple[Network, ...]:
+            raw = get(name) or ""
+            try:
+                return tuple(
+                    ipaddress.ip_network(part.strip(), strict=False)
+                    for part in raw.split(",")
+                    if part.strip()
+                )
+            except ValueError as exc:
+                raise ConfigError(f"CODEX_LB_{name}: {exc}") from None
+
+        key_file = get("ENCRYPTION_KEY_FILE")
+        return cls(
+            redis_url=get("REDIS_URL"),
+            redis_prefix=get("REDIS_PREFIX") or "codexlb:",
+            data_dir=Path(get("DATA_DIR") or "~/.codex-lb").expanduser(),
+            bootstrap_token=get("DASHBOARD_BOOTSTRAP_TOKEN"),
+            encryption_key=get("ENCRYPTION_KEY"),
+            encryption_key_file=Path(key_file).expanduser() if key_file else None,
+            upstream_base_url=(get("UPSTREAM_BASE_URL") or DEFAULT_UPSTREAM_BASE_URL).rstrip("/"),
+            auth_base_url=(get("AUTH_BASE_URL") or DEFAULT_AUTH_BASE_URL).rstrip("/"),
+            session_idle_seconds=int(number("SESSION_IDLE_SECONDS", 7200, minimum=1)),
+            session_max_seconds=int(number("SESSION_MAX_SECONDS", 43200, minimum=1)),
+            cookie_secure=choice("COOKIE_SECURE", ("auto", "true", "false"), "auto"),  # type: ignore[arg-type]
+            trusted_proxy_cidrs=cidrs("TRUSTED_PROXY_CIDRS"),
+            proxy_unauthenticated_client_cidrs=cidrs("PROXY_UNAUTHENTICATED_CLIENT_CIDRS"),
+            settings_reconcile_seconds=number("SETTINGS_RECONCILE_SECONDS", 1.0, minimum=0.05),
+            log_format=choice("LOG_FORMAT", ("text", "json"), "text"),  # type: ignore[arg-type]
+        )

@@ -1,0 +1,156 @@
+"""Errors the service answers with, and the two envelopes they travel in.
+
+    ServiceError                 status, code and message as class attributes
+    ├── InvalidJSON              400
+    ├── InvalidTotpConfig        400
+    ├── InvalidTotpCode          400
+    ├── Unauthorized             401 (and TotpRequired, InvalidCredentials, ...)
+    ├── CsrfRejected             403
+    ├── NotFound                 404
+    ├── SettingsConflict         409
+    ├── PayloadTooLarge          413
+    ├── UnsupportedMediaType     415
+    ├── ValidationFailed         422
+    ├── RateLimited              429 (carries Retry-After)
+    ├── StoreUnavailable         503
+    └── NotReady                 503
+
+Routes raise them; one handler table in ``app`` turns them into responses, so no handler
+needs a try/except of its own.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from starlette.responses import Response
+
+_encoder = msgspec.json.Encoder()
+
+
+class ServiceError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+    message: str = "Internal error"
+
+    def __init__(self, message: str | None = None, *, headers: dict[str, str] | None = None):
+        super().__init__(message or self.message)
+        self.message = message or self.message
+        self.headers = headers or {}
+
+
+class InvalidJSON(ServiceError):
+    status, code, message = 400, "invalid_json", "Request body is not valid JSON"
+
+
+class InvalidTotpConfig(ServiceError):
+    status, code = 400, "invalid_totp_config"
+    message = "Cannot enable TOTP requirement without configuring it first"
+
+
+class InvalidTotpCode(ServiceError):
+    status, code, message = 400, "invalid_totp_code", "Invalid or already used TOTP code"
+
+
+class Unauthorized(ServiceError):
+    status, code, message = 401, "unauthorized", "Missing or invalid dashboard session"
+
+
+class TotpRequired(ServiceError):
+    status, code, message = 401, "totp_required", "TOTP verification required"
+
+
+class InvalidCredentials(ServiceError):
+    status, code, message = 401, "invalid_credentials", "Invalid credentials"
+
+
+class InvalidBootstrapToken(ServiceError):
+    status, code, message = 401, "invalid_bootstrap_token", "Invalid bootstrap token"
+
+
+class CsrfRejected(ServiceError):
+    status, code, message = 403, "csrf_rejected", "Cross-origin request refused"
+
+
+class NotFound(ServiceError):
+    status, code, message = 404, "not_found", "Not found"
+
+
+class MethodNotAllowed(ServiceError):
+    status, code, message = 405, "method_not_allowed", "Method not allowed"
+
+
+class SettingsConflict(ServiceError):
+    status, code = 409, "settings_conflict"
+    message = "Settings were changed by someone else; reload and retry"
+
+
+class PasswordAlreadyConfigured(ServiceError):
+    status, code, message = 409, "password_already_configured", "Password is already configured"
+
+
+class PayloadTooLarge(ServiceError):
+    status, code, message = 413, "payload_too_large", "Request body is too large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, code, message = 415, "unsupported_media_type", "Content-Type must be application/json"
+
+
+class ValidationFailed(ServiceError):
+    status, code, message = 422, "validation_error", "Invalid request body"
+
+
+class RateLimited(ServiceError):
+    status, code, message = 429, "rate_limited", "Too many failed attempts; try again later"
+
+    def __init__(self, retry_after: int):
+        super().__init__(headers={"Retry-After": str(max(1, retry_after))})
+
+
+class StoreUnavailable(ServiceError):
+    status, code, message = 503, "store_unavailable", "Storage is unavailable; nothing was written"
+
+
+class NotReady(ServiceError):
+    status, code, message = 503, "not_ready", "Service is not ready"
+
+
+class _DashboardError(msgspec.Struct):
+    code: str
+    message: str
+
+
+class DashboardErrorEnvelope(msgspec.Struct):
+    """``{"error": {"code", "message"}}`` for ``/api/*`` and ``/health/*``."""
+
+    error: _DashboardError
+
+
+class _OpenAIError(msgspec.Struct):
+    message: str
+    type: str
+    code: str
+    param: str | None = None
+
+
+class OpenAIErrorEnvelope(msgspec.Struct):
+    """The OpenAI shape for proxy routes, so SDKs and the Codex CLI can show it."""
+
+    error: _OpenAIError
+
+
+def dashboard_error_response(exc: ServiceError) -> Response:
+    body = DashboardErrorEnvelope(_DashboardError(code=exc.code, message=exc.message))
+    headers = {"Cache-Control": "no-store", **exc.headers}
+    return Response(
+        _encoder.encode(body), exc.status, headers=headers, media_type="application/json"
+    )
+
+
+def openai_error_response(exc: ServiceError, *, error_type: str | None = None) -> Response:
+    body = OpenAIErrorEnvelope(
+        _OpenAIError(message=exc.message, type=error_type or exc.code, code=exc.code)
+    )
+    return Response(
+        _encoder.encode(body), exc.status, headers=exc.headers, media_type="application/json"
+    )

@@ -1,0 +1,55 @@
+"""``/health/live`` and ``/health/ready``.
+
+Ready means: this process has a settings record to serve with. That stays true while Redis is
+down (last-known-good, reported as degraded); it is false before the first load and while the
+process drains for shutdown.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.http import json_response
+from service.routing import Endpoint
+from service.schemas import LiveView, ReadyView
+from service.state import services
+
+
+async def live(request: Request) -> Response:
+    return json_response(LiveView(status="ok"))
+
+
+async def ready(request: Request) -> Response:
+    svc = services(request)
+    record = svc.live.current
+    redis = "ok" if svc.live.redis_ok else "unavailable"
+    version = None if record is None else record.version
+    if record is None or svc.draining:
+        status = "draining" if svc.draining else "starting"
+        return json_response(ReadyView(status=status, settings_version=version, redis=redis), 503)
+    status = "ready" if svc.live.redis_ok else "degraded"
+    return json_response(ReadyView(status=status, settings_version=version, redis=redis))
+
+
+ENDPOINTS = [
+    Endpoint(
+        "GET",
+        "/health/live",
+        live,
+        "The process is up",
+        "operations",
+        response=LiveView,
+        auth="none",
+    ),
+    Endpoint(
+        "GET",
+        "/health/ready",
+        ready,
+        "Settings loaded and not draining",
+        "operations",
+        response=ReadyView,
+        auth="none",
+        errors=(503,),
+    ),
+]

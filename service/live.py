@@ -1,0 +1,225 @@
+"""A process's live copy of the settings record.
+
+Reads on the request path (``LiveSettings.current``) are a plain attribute access: no Redis.
+Three background tasks keep the copy fresh and make this process visible:
+
+* listener: a dedicated pub/sub connection. Every (re)subscribe confirmation means messages
+  may have been lost while we were not subscribed, so it resyncs from the stored record.
+* reconciler: every ``reconcile_seconds`` compares the stored version with ours, as a safety
+  net for a lost message, and puts the record back if Redis lost it (flush, restart without
+  persistence) instead of ever adopting defaults.
+* heartbeat: registers this process with the version it applied, so the propagation view and
+  ``PUT ?wait=true`` can see every live process; it also wakes right after each apply.
+
+While Redis is unreachable the copy stays as it was (last-known-good) and the tasks retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+
+from service.errors import NotReady, StoreUnavailable
+from service.records import SettingsRecord, WorkerRecord, initial_settings
+from service.redis_store import Store, hostname
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 1.0
+RETRY_MIN_SECONDS = 0.05
+RETRY_MAX_SECONDS = 1.0
+
+
+class LiveSettings:
+    def __init__(self, store: Store, *, reconcile_seconds: float):
+        self.store = store
+        self.reconcile_seconds = reconcile_seconds
+        self.host = hostname()
+        self.pid = os.getpid()
+        self.worker_id = f"{self.host}:{self.pid}:{secrets.token_hex(3)}"
+        self.current: SettingsRecord | None = None
+        self.applied_at = 0.0
+        self.redis_ok = False
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        # Called once after the first successful contact with Redis (deployment set-up).
+        self.on_first_contact: list[Callable[[], Awaitable[None]]] = []
+        self._contacted = False
+        self._contact_lock = asyncio.Lock()
+
+    # --- the hot path -----------------------------------------------------------------------
+
+    def get(self) -> SettingsRecord:
+        """The record this process serves with; a process that never loaded one is not ready."""
+        record = self.current
+        if record is None:
+            raise NotReady("Settings are not loaded yet")
+        return record
+
+    def apply(self, record: SettingsRecord) -> bool:
+        """Adopt ``record`` if it is newer than ours. True if it was applied."""
+        current = self.current
+        if current is not None and record.version <= current.version:
+            return False
+        self.current = record
+        self.applied_at = time.time()
+        self._changed.set()
+        log.debug("applied settings version %s", record.version)
+        return True
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="settings-listener"),
+            asyncio.create_task(self._reconcile_loop(), name="settings-reconciler"),
+            asyncio.create_task(self._heartbeat_loop(), name="worker-heartbeat"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.deregister_worker(self.worker_id)
+
+    # --- syncing ----------------------------------------------------------------------------
+
+    async def sync(self) -> None:
+        """Bring the copy and the stored record together, whichever side is behind."""
+        stored = await self.store.load_settings()
+        known = self.current
+        if stored is None:
+            if known is None:
+                # Nothing stored and nothing known: a brand-new deployment.
+                if await self.store.restore_settings(initial_settings()):
+                    log.info("initialised settings at version 1")
+                stored = await self.store.load_settings()
+            else:
+                await self._restore(known)
+                return
+        if stored is None:
+            return
+        if known is not None and stored.version < known.version:
+            await self._restore(known)
+        else:
+            self.apply(stored)
+        await self._contact()
+
+    async def _restore(self, known: SettingsRecord) -> None:
+        if await self.store.restore_settings(known):
+            log.warning(
+                "settings record was missing or older in Redis; restored version %s", known.version
+            )
+
+    async def _contact(self) -> None:
+        if self._contacted:
+            self.redis_ok = True
+            return
+        async with self._contact_lock:
+            if not self._contacted:
+                for hook in self.on_first_contact:
+                    await hook()
+                self._contacted = True
+        self.redis_ok = True
+
+    async def _check_version(self) -> None:
+        stored = await self.store.settings_version()
+        known = self.current
+        if stored is None or known is None or stored != known.version:
+            await self.sync()
+        else:
+            await self._contact()
+
+    def _on_message(self, data: bytes) -> None:
+        try:
+            record = self.store.decode_settings(data)
+        except msgspec.DecodeError:
+            log.warning("ignored an undecodable settings message")
+            return
+        known = self.current
+        if known is not None and record.version < known.version:
+            # Someone put an older record back (e.g. a cold process after a flush): ours wins.
+            self._spawn(self._restore(known))
+        else:
+            self.apply(record)
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            with contextlib.suppress(StoreUnavailable):
+                await work
+
+        task = asyncio.create_task(run())
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    # --- background tasks -------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        delay = RETRY_MIN_SECONDS
+        while True:
+            pubsub = self.store.pubsub()
+            try:
+                await pubsub.subscribe(self.store.settings_channel)
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        # Subscribed (again): anything published meanwhile was missed.
+                        await self.sync()
+                        delay = RETRY_MIN_SECONDS
+                    elif message["type"] == "message":
+                        self._on_message(message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a dead connection, or Redis refusing: retry
+                self.redis_ok = False
+                log.warning("settings subscription lost (%s); retrying", type(exc).__name__)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            try:
+                await self._check_version()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.redis_ok = False
+                log.debug("settings reconcile failed: %s", type(exc).__name__)
+            await asyncio.sleep(self.reconcile_seconds)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), HEARTBEAT_SECONDS)
+            self._changed.clear()
+            record = self.current
+            if record is None:
+                continue
+            worker = WorkerRecord(
+                worker_id=self.worker_id,
+                host=self.host,
+                pid=self.pid,
+                applied_version=record.version,
+                applied_at=self.applied_at,
+                last_seen=time.time(),
+            )
+            try:
+                await self.store.register_worker(worker)
+            except StoreUnavailable:
+                self.redis_ok = False

@@ -1,0 +1,385 @@
+"""The only module that speaks Redis: key names, Lua scripts, encoding of records.
+
+Every write that could race with another process is one Lua script, so it is atomic on the
+server: settings compare-and-set (+ version bump + history + PUBLISH), restoring a lost record,
+failed-attempt accounting, TOTP step replay protection, session touch and revocation.
+
+Connection failures surface as ``StoreUnavailable``; callers decide whether that is a 503
+(writes) or a reason to keep serving the last-known-good copy (reads on the hot path).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from service.errors import StoreUnavailable
+from service.records import HistoryEntry, SessionRecord, SettingsRecord, WorkerRecord
+
+T = TypeVar("T")
+ScriptArg = bytes | str | int | float
+
+HISTORY_KEEP = 1000
+WORKER_TTL_SECONDS = 5.0
+
+_settings_decoder = msgspec.json.Decoder(SettingsRecord)
+_history_decoder = msgspec.json.Decoder(HistoryEntry)
+_worker_decoder = msgspec.json.Decoder(WorkerRecord)
+_encode = msgspec.json.encode
+
+# KEYS: settings hash, history list. ARGV: expected version (0 = must be absent), new version,
+# record json, history json, channel, history length kept.
+_SETTINGS_CAS = """
+local cur = redis.call('HGET', KEYS[1], 'version')
+local current = 0
+if cur then current = tonumber(cur) end
+if current ~= tonumber(ARGV[1]) then return {0, current} end
+redis.call('HSET', KEYS[1], 'version', ARGV[2], 'record', ARGV[3])
+redis.call('LPUSH', KEYS[2], ARGV[4])
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[6]) - 1)
+redis.call('PUBLISH', ARGV[5], ARGV[3])
+return {1, tonumber(ARGV[2])}
+"""
+
+# Put a record back when it is missing or older than the one we know (a flush, a restart
+# without persistence, or an older copy restored first by another process). Versions only
+# grow, so "older than ours" can only mean "lost".
+_SETTINGS_RESTORE = """
+local cur = redis.call('HGET', KEYS[1], 'version')
+if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'record', ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[2])
+return 1
+"""
+
+# Reserve one failed-attempt slot before checking a secret, so concurrent guesses cannot
+# overshoot the limit; a success gives the slot back. Returns 0 or the seconds to wait.
+_ATTEMPT_BEGIN = """
+for i = 1, #KEYS do
+  local used = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if used >= tonumber(ARGV[i * 2 - 1]) then
+    local ttl = redis.call('TTL', KEYS[i])
+    if ttl < 1 then ttl = 1 end
+    return ttl
+  end
+end
+for i = 1, #KEYS do
+  if redis.call('INCR', KEYS[i]) == 1 then redis.call('EXPIRE', KEYS[i], ARGV[i * 2]) end
+end
+return 0
+"""
+
+_ATTEMPT_REFUND = """
+for i = 1, #KEYS do
+  if tonumber(redis.call('GET', KEYS[i]) or '0') > 0 then redis.call('DECR', KEYS[i]) end
+end
+return 1
+"""
+
+# A TOTP time step is accepted once, ever: only a step newer than the last accepted one passes.
+_TOTP_USE_STEP = """
+local last = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if tonumber(ARGV[1]) <= last then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"""
+
+# Validate a session and slide its idle timeout, never past its absolute expiry.
+# ARGV: now (epoch seconds), idle seconds. Returns the record json or false.
+_SESSION_TOUCH = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return false end
+local rec = cjson.decode(raw)
+local now = tonumber(ARGV[1])
+if now >= rec['expires_at'] then redis.call('DEL', KEYS[1]) return false end
+local ttl = math.min(tonumber(ARGV[2]), rec['expires_at'] - now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 1000))
+return raw
+"""
+
+# End every session except ARGV[2] (a key suffix, or ''). KEYS[1] is the index set; session
+# keys are ARGV[1] .. member. (Not cluster-safe by design: one Redis holds one deployment.)
+_SESSIONS_REVOKE = """
+local members = redis.call('SMEMBERS', KEYS[1])
+local n = 0
+for _, m in ipairs(members) do
+  if m ~= ARGV[2] then
+    redis.call('DEL', ARGV[1] .. m)
+    redis.call('SREM', KEYS[1], m)
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client that fails fast: a dead Redis must turn into a quick 503, not a hang."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_connect_timeout=1.0,
+        socket_timeout=2.0,
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=15,
+    )
+
+
+class Store:
+    def __init__(self, client: aioredis.Redis, prefix: str):
+        self.client = client
+        self.prefix = prefix
+        self.settings_key = f"{prefix}settings"
+        self.history_key = f"{prefix}settings:history"
+        self.settings_channel = f"{prefix}ch:settings"
+        self.workers_key = f"{prefix}workers"
+        self.auth_key = f"{prefix}auth"
+        self.totp_pending_key = f"{prefix}auth:totp_pending"
+        self.totp_step_key = f"{prefix}auth:totp_last_step"
+        self.bootstrap_key = f"{prefix}auth:bootstrap"
+        self.fingerprint_key = f"{prefix}meta:key_fingerprint"
+        self.sessions_key = f"{prefix}sessions"
+        self.session_prefix = f"{prefix}session:"
+        self.failed_prefix = f"{prefix}failed:"
+        self._cas = client.register_script(_SETTINGS_CAS)
+        self._restore = client.register_script(_SETTINGS_RESTORE)
+        self._attempt_begin = client.register_script(_ATTEMPT_BEGIN)
+        self._attempt_refund = client.register_script(_ATTEMPT_REFUND)
+        self._totp_step = client.register_script(_TOTP_USE_STEP)
+        self._session_touch = client.register_script(_SESSION_TOUCH)
+        self._sessions_revoke = client.register_script(_SESSIONS_REVOKE)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    @staticmethod
+    async def call(op: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis operation, turning connection trouble into ``StoreUnavailable``."""
+        try:
+            return await op()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable() from exc
+
+    def pubsub(self) -> PubSub:
+        return self.client.pubsub(ignore_subscribe_messages=False)
+
+    async def ping(self) -> None:
+        await self.call(self.client.ping)
+
+    # --- settings ---------------------------------------------------------------------------
+
+    async def load_settings(self) -> SettingsRecord | None:
+        raw = await self.call(lambda: self.client.hget(self.settings_key, "record"))
+        return None if raw is None else _settings_decoder.decode(raw)
+
+    async def settings_version(self) -> int | None:
+        raw = await self.call(lambda: self.client.hget(self.settings_key, "version"))
+        return None if raw is None else int(raw)
+
+    async def compare_and_set_settings(
+        self, expected_version: int, record: SettingsRecord, changed_fields: list[str]
+    ) -> tuple[bool, int]:
+        """Write ``record`` if the stored version is still ``expected_version``.
+
+        Returns (written, the version now stored).
+        """
+        entry = HistoryEntry(
+            version=record.version, changed_at=record.changed_at, changed_fields=changed_fields
+        )
+        args: list[ScriptArg] = [
+            expected_version,
+            record.version,
+            _encode(record),
+            _encode(entry),
+            self.settings_channel,
+            HISTORY_KEEP,
+        ]
+        written, version = await self.call(
+            lambda: self._cas(keys=[self.settings_key, self.history_key], args=args)
+        )
+        return bool(written), int(version)
+
+    async def restore_settings(self, record: SettingsRecord) -> bool:
+        """Put ``record`` back if the stored one is missing or older. True if it wrote."""
+        args: list[ScriptArg] = [record.version, _encode(record), self.settings_channel]
+        return bool(await self.call(lambda: self._restore(keys=[self.settings_key], args=args)))
+
+    async def settings_history(self, limit: int = HISTORY_KEEP) -> list[HistoryEntry]:
+        raws = await self.call(lambda: self.client.lrange(self.history_key, 0, limit - 1))
+        return [_history_decoder.decode(r) for r in raws]
+
+    @staticmethod
+    def decode_settings(raw: bytes) -> SettingsRecord:
+        return _settings_decoder.decode(raw)
+
+    # --- live processes ---------------------------------------------------------------------
+
+    async def register_worker(self, worker: WorkerRecord) -> None:
+        key = f"{self.workers_key}:{worker.worker_id}"
+
+        async def op() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(key, _encode(worker), px=int(WORKER_TTL_SECONDS * 1000))
+                pipe.zadd(self.workers_key, {worker.worker_id: worker.last_seen})
+                await pipe.execute()
+
+        await self.call(op)
+
+    async def deregister_worker(self, worker_id: str) -> None:
+        async def op() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.delete(f"{self.workers_key}:{worker_id}")
+                pipe.zrem(self.workers_key, worker_id)
+                await pipe.execute()
+
+        await self.call(op)
+
+    async def live_workers(self) -> list[WorkerRecord]:
+        cutoff = time.time() - WORKER_TTL_SECONDS
+
+        async def op() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.zremrangebyscore(self.workers_key, "-inf", cutoff)
+                pipe.zrange(self.workers_key, 0, -1)
+                _, ids = await pipe.execute()
+            if not ids:
+                return []
+            keys = [f"{self.workers_key}:{i.decode()}" for i in ids]
+            return list(await self.client.mget(keys))
+
+        raws = await self.call(op)
+        return sorted(
+            (_worker_decoder.decode(r) for r in raws if r is not None),
+            key=lambda w: w.worker_id,
+        )
+
+    # --- dashboard credentials ----------------------------------------------------------------
+
+    async def auth_fields(self) -> dict[str, bytes]:
+        raw = await self.call(lambda: self.client.hgetall(self.auth_key))
+        return {_text(k): _bytes(v) for k, v in raw.items()}
+
+    async def set_auth_field(self, name: str, value: bytes) -> None:
+        await self.call(lambda: self.client.hset(self.auth_key, name, value))
+
+    async def delete_auth_fields(self, *names: str) -> None:
+        await self.call(lambda: self.client.hdel(self.auth_key, *names))
+
+    async def set_password_if_absent(self, password_hash: str) -> bool:
+        ok = await self.call(
+            lambda: self.client.hsetnx(self.auth_key, "password_hash", password_hash)
+        )
+        return bool(ok)
+
+    async def get(self, key: str) -> bytes | None:
+        value = await self.call(lambda: self.client.get(key))
+        return None if value is None else _bytes(value)
+
+    async def set(self, key: str, value: bytes, *, nx: bool = False, ex: int | None = None) -> bool:
+        return bool(await self.call(lambda: self.client.set(key, value, nx=nx, ex=ex)))
+
+    async def delete(self, *keys: str) -> None:
+        await self.call(lambda: self.client.delete(*keys))
+
+    async def use_totp_step(self, step: int) -> bool:
+        ok = await self.call(lambda: self._totp_step(keys=[self.totp_step_key], args=[step]))
+        return bool(ok)
+
+    # --- failed-attempt limits ------------------------------------------------------------------
+
+    def _limit_keys(self, client_ip: str) -> list[str]:
+        return [f"{self.failed_prefix}ip:{client_ip}", f"{self.failed_prefix}all"]
+
+    async def begin_attempt(self, client_ip: str, limits: list[tuple[int, int]]) -> int:
+        """Reserve a failed-attempt slot; 0, or the seconds to wait when a limit is reached."""
+        args = [v for limit, window in limits for v in (limit, window)]
+        keys = self._limit_keys(client_ip)
+        return int(await self.call(lambda: self._attempt_begin(keys=keys, args=args)))
+
+    async def refund_attempt(self, client_ip: str) -> None:
+        keys = self._limit_keys(client_ip)
+        await self.call(lambda: self._attempt_refund(keys=keys, args=[]))
+
+    async def clear_attempts(self) -> int:
+        async def op() -> int:
+            keys = [k async for k in self.client.scan_iter(match=f"{self.failed_prefix}*")]
+            return int(await self.client.delete(*keys)) if keys else 0
+
+        return await self.call(op)
+
+    # --- sessions -------------------------------------------------------------------------------
+
+    async def create_session(self, token_hash: str, record: SessionRecord, ttl: float) -> None:
+        async def op() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(self.session_prefix + token_hash, _encode(record), px=int(ttl * 1000))
+                pipe.sadd(self.sessions_key, token_hash)
+                await pipe.execute()
+
+        await self.call(op)
+
+    async def touch_session(self, token_hash: str, idle_seconds: int) -> SessionRecord | None:
+        key = self.session_prefix + token_hash
+        raw = await self.call(
+            lambda: self._session_touch(keys=[key], args=[time.time(), idle_seconds])
+        )
+        return None if raw is None else msgspec.json.decode(raw, type=SessionRecord)
+
+    async def delete_session(self, token_hash: str) -> None:
+        async def op() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.delete(self.session_prefix + token_hash)
+                pipe.srem(self.sessions_key, token_hash)
+                await pipe.execute()
+
+        await self.call(op)
+
+    async def revoke_sessions(self, keep_token_hash: str = "") -> int:
+        args = [self.session_prefix, keep_token_hash]
+        n = await self.call(lambda: self._sessions_revoke(keys=[self.sessions_key], args=args))
+        return int(n)
+
+    async def prune_session_index(self) -> None:
+        """Drop index entries whose session already expired on its own."""
+
+        async def op() -> None:
+            members = list(await self.client.smembers(self.sessions_key))
+            if not members:
+                return
+            exists = await self.client.mget([self.session_prefix + _text(m) for m in members])
+            dead = [m for m, v in zip(members, exists, strict=True) if v is None]
+            if dead:
+                await self.client.srem(self.sessions_key, *dead)
+
+        await self.call(op)
+
+
+@asynccontextmanager
+async def open_store(url: str, prefix: str) -> AsyncIterator[Store]:
+    store = Store(connect(url), prefix)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def _text(value: bytes | str) -> str:
+    # The client is made without decode_responses, so replies are bytes; the stubs allow str.
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def hostname() -> str:
+    return socket.gethostname()

@@ -1,0 +1,114 @@
+"""Running the app: one uvicorn server per OS process, and a small supervisor for N of them.
+
+The listening socket is bound once here and shared by the worker processes. SIGTERM or SIGINT
+makes each worker stop accepting, mark itself not ready (draining), finish in-flight requests
+and exit 0; the supervisor waits for all of them. A worker that dies on its own is restarted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.process
+import os
+import signal
+import socket
+import time
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from service.app import create_app
+from service.config import Config
+from service.logs import config_dict
+
+log = logging.getLogger(__name__)
+
+GRACE_SECONDS = 60
+
+
+class DrainingServer(uvicorn.Server):
+    """Marks the app not-ready as soon as shutdown starts, and exits 0 on SIGTERM/SIGINT."""
+
+    def __init__(self, config: uvicorn.Config, app: Any):
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        services = getattr(self._app.state, "services", None)
+        if services is not None:
+            services.draining = True
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals after shutdown, which would end the process with
+        # the signal's status; a graceful stop is a clean exit.
+        self._captured_signals.clear()
+
+
+def run_worker(sock: socket.socket) -> None:
+    config = Config.from_env()
+    app = create_app(config)
+    uv_config = uvicorn.Config(
+        app,
+        log_config=config_dict(config.log_format),
+        timeout_graceful_shutdown=GRACE_SECONDS,
+        server_header=False,
+        proxy_headers=False,  # forwarded headers are judged by our own trusted-proxy list
+    )
+    DrainingServer(uv_config, app).run(sockets=[sock])
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(host: str, port: int, workers: int) -> int:
+    sock = bind(host, port)
+    if workers <= 1:
+        run_worker(sock)
+        return 0
+    return _supervise(sock, workers)
+
+
+def _supervise(sock: socket.socket, workers: int) -> int:
+    ctx = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def spawn() -> multiprocessing.process.BaseProcess:
+        proc = ctx.Process(target=run_worker, args=(sock,), daemon=False)
+        proc.start()
+        return proc
+
+    procs = [spawn() for _ in range(workers)]
+    while not stopping:
+        time.sleep(0.2)
+        for i, proc in enumerate(procs):
+            if not proc.is_alive() and not stopping:
+                log.warning("worker %s exited with %s; restarting", proc.pid, proc.exitcode)
+                procs[i] = spawn()
+
+    for proc in procs:
+        if proc.is_alive() and proc.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_SECONDS + 5
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    return 0

@@ -1,0 +1,121 @@
+"""Fixtures: one real redis-server for the run, a fresh key prefix per test, the app in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from service.app import create_app
+from service.config import Config
+from service.state import Services
+from tests.support import BOOTSTRAP_TOKEN, ENCRYPTION_KEY, PASSWORD, RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """scripts/test starts the run's redis-server and names it; plain pytest starts its own."""
+    url = os.environ.get("CODEX_LB_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    server = RedisServer().start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test:{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture
+def raw_redis(redis_url: str, prefix: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        client.delete(key)
+    client.close()
+
+
+def make_config(redis_url: str, prefix: str, data_dir: Path, **overrides: object) -> Config:
+    values: dict[str, object] = {
+        "redis_url": redis_url,
+        "redis_prefix": prefix,
+        "data_dir": data_dir,
+        "bootstrap_token": BOOTSTRAP_TOKEN,
+        "encryption_key": ENCRYPTION_KEY,
+        "settings_reconcile_seconds": 1.0,
+    }
+    values.update(overrides)
+    return Config(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def config(redis_url: str, prefix: str, tmp_path: Path, raw_redis: redis.Redis) -> Config:
+    return make_config(redis_url, prefix, tmp_path)
+
+
+class AppHarness:
+    """The app inside its lifespan, reached through httpx over ASGI."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.app = create_app(config)
+        self._lifespan = self.app.router.lifespan_context(self.app)
+
+    async def __aenter__(self) -> AppHarness:
+        await self._lifespan.__aenter__()
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app), base_url="http://testserver"
+        )
+        for _ in range(500):
+            if self.services.live.current is not None:
+                break
+            await asyncio.sleep(0.01)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.aclose()
+        await self._lifespan.__aexit__(None, None, None)
+
+    @property
+    def services(self) -> Services:
+        svc: Services = self.app.state.services
+        return svc
+
+
+@pytest.fixture
+async def harness(config: Config) -> AsyncIterator[AppHarness]:
+    async with AppHarness(config) as h:
+        yield h
+
+
+@pytest.fixture
+async def client(harness: AppHarness) -> httpx.AsyncClient:
+    """A client with no session."""
+    return harness.client
+
+
+async def setup_password(client: httpx.AsyncClient, password: str = PASSWORD) -> httpx.Response:
+    r = await client.post(
+        "/api/dashboard-auth/password/setup",
+        json={"password": password, "bootstrap_token": BOOTSTRAP_TOKEN},
+    )
+    assert r.status_code == 200, r.text
+    return r
+
+
+@pytest.fixture
+async def admin(harness: AppHarness) -> httpx.AsyncClient:
+    """A client logged in with a full dashboard session."""
+    await setup_password(harness.client)
+    return harness.client

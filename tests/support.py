@@ -1,0 +1,142 @@
+"""Test helpers: real redis-server processes, real ``codex-lb serve`` processes, logins."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+import redis
+
+BOOTSTRAP_TOKEN = "test-bootstrap-token-0123456789"
+PASSWORD = "correct horse battery staple"
+ENCRYPTION_KEY = "k4JjH7m3p0rE1uO9yVqQn2bT5wXz8cD6fG1hJ4lM7oA="
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port, which a test may kill and restart."""
+
+    def __init__(self, *, appendonly: bool = False):
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="codexlb-redis-"))
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (scripts/test installs it)")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+             "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis(port=self.port, socket_timeout=0.5).ping()
+                return self
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def stop(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2)
+
+
+def base_env(redis_url: str, prefix: str, data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CODEX_LB_")}
+    env.update(
+        CODEX_LB_REDIS_URL=redis_url,
+        CODEX_LB_REDIS_PREFIX=prefix,
+        CODEX_LB_DATA_DIR=str(data_dir),
+        CODEX_LB_ENCRYPTION_KEY=ENCRYPTION_KEY,
+        CODEX_LB_DASHBOARD_BOOTSTRAP_TOKEN=BOOTSTRAP_TOKEN,
+        CODEX_LB_SETTINGS_RECONCILE_SECONDS="1.0",
+    )
+    env.update(extra)
+    return env
+
+
+class ServeProcess:
+    """A real ``codex-lb serve`` process on a free loopback port."""
+
+    def __init__(self, env: Mapping[str, str], *, workers: int = 1, log_dir: Path):
+        self.port = free_port()
+        self.log_path = log_dir / f"serve-{self.port}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--port", str(self.port),
+             "--workers", str(workers)],
+            env=dict(env), stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited early:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"serve not ready in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._log.close()
+        return code
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
