@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 1.0
 RETRY_MIN_SECONDS = 0.05
 RETRY_MAX_SECONDS = 1.0
+STOP_SECONDS = 5.0
 
 
 class LiveSettings:
@@ -84,12 +85,11 @@ class LiveSettings:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_SECONDS)
         with contextlib.suppress(StoreUnavailable):
             await self.store.deregister_worker(self.worker_id)
 
@@ -203,11 +203,21 @@ class LiveSettings:
                 log.debug("settings reconcile failed: %s", type(exc).__name__)
             await asyncio.sleep(self.reconcile_seconds)
 
+    async def _wait_for_change(self) -> None:
+        """Until an apply or the heartbeat interval, whichever is first."""
+        try:
+            async with asyncio.timeout(HEARTBEAT_SECONDS):
+                await self._changed.wait()
+        except TimeoutError:
+            # On 3.11 a cancel racing the timeout surfaces as TimeoutError; never swallow it.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError() from None
+        self._changed.clear()
+
     async def _heartbeat_loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), HEARTBEAT_SECONDS)
-            self._changed.clear()
+            await self._wait_for_change()
             record = self.current
             if record is None:
                 continue

@@ -1,0 +1,31 @@
+"""Benchmarks of codex-lb's settings plane, each against its own Redis and serve processes.
+
+Run them with ``scripts/bench`` (no arguments lists them).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bench import hotpath, latency, propagation
+from bench.common import Check
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    summary: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], list[Check]]
+
+
+BENCHMARKS: tuple[Benchmark, ...] = tuple(
+    Benchmark(m.NAME, m.SUMMARY, m.add_arguments, m.run) for m in (propagation, latency, hotpath)
+)
+
+# Groups of benchmarks run together under one name.
+SUITES: dict[str, tuple[str, ...]] = {
+    "settings": ("propagation", "latency", "hotpath"),
+}
