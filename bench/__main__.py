@@ -7,9 +7,11 @@ Exit status: 0 when every benchmark ran (a missed target prints FAIL but is not 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 import traceback
+from types import FrameType
 
 from bench import BENCHMARKS, SUITES, Benchmark
 from bench.common import BenchError, Check, heading, table
@@ -68,8 +70,15 @@ def _run(selected: list[Benchmark], args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # A SIGTERM stops the benchmark like Ctrl-C: the redis-server and serve processes it
+    # started are stopped on the way out.
+    signal.signal(signal.SIGTERM, _interrupt)
     if args.name is None:
         print(_listing())
         return 0

@@ -94,6 +94,11 @@ def run(args: argparse.Namespace) -> list[Check]:
             ],
         )
     )
+    floor = percentile(live, 50)
+    print(
+        f"over the floor (p50): GET {percentile(gets, 50) - floor:+.3f} ms,"
+        f" PUT {percentile(puts, 50) - floor:+.3f} ms; the floor itself is HTTP, TCP and client"
+    )
     checks = [
         Check(
             NAME,

@@ -110,9 +110,13 @@ async def _admin(config: Config, action: str) -> int:
             record = await creds.remove_totp(live)
             print(f"TOTP removed and not required (settings version {record.version})")
         else:
-            token = await creds.bootstrap_token()
-            if token is None or await creds.password_configured():
+            if await creds.password_configured():
                 print("no bootstrap token: the dashboard password is already set", file=sys.stderr)
+                return 1
+            await creds.ensure_bootstrap_token()
+            token = await creds.bootstrap_token()
+            if token is None:
+                print("no bootstrap token could be read", file=sys.stderr)
                 return 1
             print(token)
     return 0

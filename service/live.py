@@ -36,6 +36,7 @@ HEARTBEAT_SECONDS = 1.0
 RETRY_MIN_SECONDS = 0.05
 RETRY_MAX_SECONDS = 1.0
 STOP_SECONDS = 5.0
+STOP_RECANCEL_SECONDS = 0.05
 
 
 class LiveSettings:
@@ -86,10 +87,15 @@ class LiveSettings:
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=STOP_SECONDS)
+        # Cancel again until they end: on 3.11 asyncio.wait_for (which redis-py uses for socket
+        # writes) swallows a cancel that lands as its inner operation completes, and the task
+        # would carry on with its loop.
+        pending = set(tasks)
+        deadline = time.monotonic() + STOP_SECONDS
+        while pending and time.monotonic() < deadline:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=STOP_RECANCEL_SECONDS)
         with contextlib.suppress(StoreUnavailable):
             await self.store.deregister_worker(self.worker_id)
 
@@ -97,6 +103,9 @@ class LiveSettings:
 
     async def sync(self) -> None:
         """Bring the copy and the stored record together, whichever side is behind."""
+        # Deployment checks (e.g. the encryption key) first: a process that fails them must
+        # never look ready, not even for a moment.
+        await self._contact()
         stored = await self.store.load_settings()
         known = self.current
         if stored is None:
@@ -114,7 +123,6 @@ class LiveSettings:
             await self._restore(known)
         else:
             self.apply(stored)
-        await self._contact()
 
     async def _restore(self, known: SettingsRecord) -> None:
         if await self.store.restore_settings(known):

@@ -7,9 +7,9 @@ flush or restart Redis get a private ``RedisServer`` so the rest of the run is n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -22,6 +22,7 @@ from service.config import Config
 from service.errors import NotReady, StoreUnavailable
 from service.live import LiveSettings
 from service.records import SettingsRecord
+from service.redis_store import Store, connect
 from service.settings import read_settings, write_settings
 from service.state import Services
 from tests.conftest import AppHarness, make_config, setup_password
@@ -40,7 +41,6 @@ CHANGE = {
     "routing_strategy": "round_robin",
     "import_without_overwrite": True,
 }
-CHANGED_FIELDS = dict(CHANGE)
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def subscribers(raw: redis.Redis) -> int:
 
 def fields(record: SettingsRecord | None) -> dict[str, object]:
     assert record is not None
-    return {k: getattr(record, k) for k in CHANGED_FIELDS}
+    return {k: getattr(record, k) for k in CHANGE}
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float, step: float = 0.005) -> float:
@@ -114,7 +114,7 @@ async def put(h: AppHarness, body: dict[str, object], **params: str) -> httpx.Re
     return await h.client.put("/api/settings", json=body, params=params)
 
 
-@asynccontextmanager
+@contextlib.asynccontextmanager
 async def two_processes(config: Config) -> AsyncIterator[tuple[AppHarness, AppHarness]]:
     """Two logged-in processes of one deployment, both listening on the settings channel."""
     async with AppHarness(config) as a, AppHarness(config) as b:
@@ -160,7 +160,7 @@ async def test_put_on_one_process_reaches_the_other_by_pubsub(
         assert r.status_code == 200, r.text
         assert r.json()["version"] == 2
         assert version(a) == 2
-        assert fields(live(a).current) == CHANGED_FIELDS
+        assert fields(live(a).current) == CHANGE
 
         lag = await eventually(lambda: version(b) == 2, 1.0, step=0.001)
         assert lag < 0.5
@@ -256,7 +256,7 @@ async def test_a_lost_record_is_restored_not_defaulted(
 
         await eventually(lambda: stored_version(raw) == new, LOST_MESSAGE_DEADLINE)
         assert stored(raw) == known  # same version, same fields, same changed_at
-        assert fields(stored(raw)) == CHANGED_FIELDS
+        assert fields(stored(raw)) == CHANGE
         # Neither process ever took up defaults.
         assert live(a).current == live(b).current == known
         await asyncio.sleep(RECONCILE + 0.2)
@@ -335,11 +335,13 @@ async def test_redis_down_serves_last_known_good_then_recovers(
         server.start()
         start = time.monotonic()
         await eventually(lambda: stored(raw) == known, RECOVERY_DEADLINE)
+        await eventually(
+            lambda: live(a).redis_ok and live(b).redis_ok,
+            RECOVERY_DEADLINE - (time.monotonic() - start),
+        )
         for h in (a, b):
             r = await h.client.get("/health/ready")
-            remaining = RECOVERY_DEADLINE - (time.monotonic() - start)
-            await eventually(lambda h=h: live(h).redis_ok, max(remaining, 0.1))
-            r = await h.client.get("/health/ready")
+            assert r.status_code == 200
             assert r.json() == {"status": "ready", "settings_version": new, "redis": "ok"}
         assert live(a).current == live(b).current == known
 
@@ -361,7 +363,7 @@ async def test_redis_down_dashboard_reads_fail_closed(server: RedisServer, tmp_p
         assert r.json()["error"]["code"] == "store_unavailable"
 
 
-@asynccontextmanager
+@contextlib.asynccontextmanager
 async def running(config: Config) -> AsyncIterator[tuple[Services, httpx.AsyncClient]]:
     """The app inside its lifespan without waiting for a record (unlike AppHarness)."""
     app = create_app(config)
@@ -391,7 +393,8 @@ async def test_cold_start_without_redis_is_not_ready_until_redis_comes(tmp_path:
                 await asyncio.sleep(0.1)
 
             srv.start()
-            await eventually(lambda: svc.live.current is not None, RECOVERY_DEADLINE)
+            # The record loads first and the first contact (key check) completes just after.
+            await eventually(lambda: svc.live.redis_ok, RECOVERY_DEADLINE)
             r = await client.get("/health/ready")
             assert r.status_code == 200
             assert r.json() == {"status": "ready", "settings_version": 1, "redis": "ok"}
@@ -431,3 +434,56 @@ async def test_reading_settings_costs_no_redis_round_trip(
         background_budget = 10 + 10 * elapsed
         assert background_budget < reads / 4, f"reads took too long ({elapsed:.1f} s) to judge"
         assert delta <= background_budget, f"{delta} commands for {reads} reads in {elapsed:.2f} s"
+
+
+# --- shutdown -------------------------------------------------------------------------------
+
+
+async def test_stop_is_prompt_even_right_after_an_apply(server: RedisServer) -> None:
+    """A cancel landing just as the heartbeat wakes for an apply must not be swallowed.
+
+    (``asyncio.wait_for`` on Python 3.11 returns the inner result instead of raising when the
+    cancel and the inner completion meet, which left ``stop()`` waiting for ever.)
+    """
+    store = Store(connect(server.url), PREFIX)
+    try:
+        for turns in range(8):
+            settings = LiveSettings(store, reconcile_seconds=RECONCILE)
+            await settings.start()
+            await eventually(lambda s=settings: s.current is not None, 5.0)
+            await asyncio.sleep(0.05)  # the heartbeat has registered and waits again
+            base = settings.get()
+            settings.apply(msgspec.structs.replace(base, version=base.version + 1))
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            await asyncio.wait_for(settings.stop(), 3.0)
+            assert all(t.done() for t in asyncio.all_tasks() if t.get_name() == "worker-heartbeat")
+    finally:
+        await store.close()
+
+
+async def test_stop_cancels_again_a_task_that_swallowed_the_cancel(
+    server: RedisServer,
+) -> None:
+    """Inside redis-py, 3.11's ``asyncio.wait_for`` can eat a cancel; stop() must still end."""
+    store = Store(connect(server.url), PREFIX)
+    settings = LiveSettings(store, reconcile_seconds=RECONCILE)
+    try:
+        await settings.start()
+        await eventually(lambda: settings.current is not None, 5.0)
+
+        async def swallows_one_cancel() -> None:
+            # What the swallowing wait_for amounts to, seen from the task's own loop.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(30)
+            await asyncio.sleep(30)
+
+        stubborn = asyncio.create_task(swallows_one_cancel())
+        settings._tasks.append(stubborn)
+        await asyncio.sleep(0)
+        start = time.monotonic()
+        await settings.stop()
+        assert time.monotonic() - start < 1.0
+        assert stubborn.cancelled()
+    finally:
+        await store.close()
