@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -14,7 +15,12 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service import health, openapi, settings
+from service import api_keys, health, openapi, settings
+from service.accounts import routes as account_routes
+from service.accounts.live import LiveAccounts
+from service.accounts.tokens import TokenManager
+from service.accounts.usage import UsagePoller
+from service.api_keys import LiveApiKeys
 from service.auth import routes as auth_routes
 from service.auth.credentials import Credentials
 from service.auth.guard import DashboardGuard
@@ -27,10 +33,15 @@ from service.errors import (
     openai_error_response,
 )
 from service.live import LiveSettings
+from service.proxy import routes as proxy_routes
+from service.proxy.gate import ApiKeyGate
+from service.redis_accounts import AccountStore
+from service.redis_apikeys import ApiKeyStore
 from service.redis_store import Store, connect
 from service.routing import Endpoint, build_routes
 from service.secret_box import KeyError_, SecretBox, load_key
 from service.state import Services
+from service.upstream import make_client
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +49,14 @@ PROXY_PREFIXES = ("/v1/", "/backend-api/")
 
 
 def endpoints() -> list[Endpoint]:
-    table = [*health.ENDPOINTS, *auth_routes.ENDPOINTS, *settings.ENDPOINTS]
+    table = [
+        *health.ENDPOINTS,
+        *auth_routes.ENDPOINTS,
+        *settings.ENDPOINTS,
+        *api_keys.ENDPOINTS,
+        *account_routes.ENDPOINTS,
+        *proxy_routes.ENDPOINTS,
+    ]
     openapi.endpoint(table)
     return table
 
@@ -82,7 +100,30 @@ def create_app(config: Config) -> Starlette:
         box = SecretBox(load_key(config))
         store = Store(connect(redis_url), config.redis_prefix)
         live = LiveSettings(store, reconcile_seconds=config.settings_reconcile_seconds)
-        svc = Services(config=config, store=store, live=live, box=box)
+        http = make_client()
+        account_store = AccountStore(store)
+        svc = Services(
+            config=config,
+            store=store,
+            live=live,
+            box=box,
+            http=http,
+            api_keys=LiveApiKeys(ApiKeyStore(store)),
+            account_store=account_store,
+            accounts=LiveAccounts(account_store),
+            tokens=TokenManager(store, account_store, box, http, config.auth_base_url),
+        )
+        live.attach(svc.api_keys)
+        live.attach(svc.accounts)
+        poller = UsagePoller(
+            store,
+            account_store,
+            svc.accounts,
+            svc.tokens,
+            http,
+            config.upstream_base_url,
+            config.usage_poll_seconds,
+        )
         creds = Credentials(store, box, config.bootstrap_token)
 
         async def first_contact() -> None:
@@ -99,16 +140,21 @@ def create_app(config: Config) -> Starlette:
         live.on_first_contact.append(first_contact)
         app.state.services = svc
         await live.start()
+        polling = asyncio.create_task(poller.run(), name="usage-poller")
         try:
             yield
         finally:
             svc.draining = True
+            polling.cancel()
+            await asyncio.wait([polling], timeout=5)
+            await poller.stop()
             await live.stop()
+            await http.aclose()
             await store.close()
 
     return Starlette(
         routes=build_routes(endpoints()),
-        middleware=[Middleware(DashboardGuard)],
+        middleware=[Middleware(DashboardGuard), Middleware(ApiKeyGate)],
         exception_handlers={
             ServiceError: _service_error,
             HTTPException: _http_error,

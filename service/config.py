@@ -39,6 +39,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     proxy_unauthenticated_client_cidrs: tuple[Network, ...] = ()
     settings_reconcile_seconds: float = 1.0
     log_format: Literal["text", "json"] = "text"
+    # Not from the environment: the upstream's usage windows are polled once a minute; tests
+    # shorten it.
+    usage_poll_seconds: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:

@@ -51,6 +51,10 @@ class InvalidTotpCode(ServiceError):
     status, code, message = 400, "invalid_totp_code", "Invalid or already used TOTP code"
 
 
+class InvalidAuthJson(ServiceError):
+    status, code, message = 400, "invalid_auth_json", "Invalid auth.json"
+
+
 class Unauthorized(ServiceError):
     status, code, message = 401, "unauthorized", "Missing or invalid dashboard session"
 
@@ -111,6 +115,21 @@ class StoreUnavailable(ServiceError):
     status, code, message = 503, "store_unavailable", "Storage is unavailable; nothing was written"
 
 
+class NoAccounts(ServiceError):
+    status, code, message = 503, "no_accounts", "No account can serve this request"
+
+
+class UpstreamError(ServiceError):
+    status, code, message = 502, "upstream_error", "The upstream answered with an error"
+
+
+class InvalidApiKey(ServiceError):
+    status, code, message = 401, "invalid_api_key", "Invalid or missing API key"
+
+    def __init__(self, message: str | None = None):
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
 class NotReady(ServiceError):
     status, code, message = 503, "not_ready", "Service is not ready"
 
@@ -149,7 +168,11 @@ def dashboard_error_response(exc: ServiceError) -> Response:
 
 def openai_error_response(exc: ServiceError, *, error_type: str | None = None) -> Response:
     body = OpenAIErrorEnvelope(
-        _OpenAIError(message=exc.message, type=error_type or exc.code, code=exc.code)
+        _OpenAIError(
+            message=exc.message,
+            type=error_type or ("invalid_request_error" if exc.status < 500 else "server_error"),
+            code=exc.code,
+        )
     )
     return Response(
         _encoder.encode(body), exc.status, headers=exc.headers, media_type="application/json"

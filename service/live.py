@@ -23,6 +23,7 @@ import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import msgspec
 
@@ -39,7 +40,26 @@ STOP_SECONDS = 5.0
 STOP_RECANCEL_SECONDS = 0.05
 
 
+class LiveCopy(Protocol):
+    """Another shared collection a process keeps in memory (API keys, accounts).
+
+    It rides on the settings copy's pub/sub connection and reconcile loop: ``sync`` reloads it
+    whole, ``check`` compares versions cheaply (and syncs when they differ), ``on_message``
+    applies one published change.
+    """
+
+    channel: str
+
+    async def sync(self) -> None: ...
+
+    async def check(self) -> None: ...
+
+    def on_message(self, data: bytes) -> None: ...
+
+
 class LiveSettings:
+    """The settings copy, which also carries the process's other live copies (``attach``)."""
+
     def __init__(self, store: Store, *, reconcile_seconds: float):
         self.store = store
         self.reconcile_seconds = reconcile_seconds
@@ -55,6 +75,11 @@ class LiveSettings:
         self.on_first_contact: list[Callable[[], Awaitable[None]]] = []
         self._contacted = False
         self._contact_lock = asyncio.Lock()
+        self._copies: dict[str, LiveCopy] = {}
+
+    def attach(self, copy: LiveCopy) -> None:
+        """Keep ``copy`` fresh along with the settings; call before ``start``."""
+        self._copies[copy.channel] = copy
 
     # --- the hot path -----------------------------------------------------------------------
 
@@ -178,17 +203,22 @@ class LiveSettings:
         while True:
             pubsub = self.store.pubsub()
             try:
-                await pubsub.subscribe(self.store.settings_channel)
+                await pubsub.subscribe(self.store.settings_channel, *self._copies)
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is None:
                         continue
+                    channel = message["channel"].decode()
+                    copy = self._copies.get(channel)
                     if message["type"] == "subscribe":
                         # Subscribed (again): anything published meanwhile was missed.
-                        await self.sync()
+                        await (self.sync() if copy is None else copy.sync())
                         delay = RETRY_MIN_SECONDS
                     elif message["type"] == "message":
-                        self._on_message(message["data"])
+                        if copy is None:
+                            self._on_message(message["data"])
+                        else:
+                            copy.on_message(message["data"])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a dead connection, or Redis refusing: retry
@@ -204,6 +234,8 @@ class LiveSettings:
         while True:
             try:
                 await self._check_version()
+                for copy in self._copies.values():
+                    await copy.check()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

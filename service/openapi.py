@@ -47,6 +47,8 @@ def build(endpoints: Iterable[Endpoint]) -> dict[str, Any]:
         }
         if ep.auth == "session":
             op["security"] = [{"dashboardSession": []}]
+        elif ep.auth == "api_key":
+            op["security"] = [{"apiKey": []}]
         if ep.query:
             op["parameters"] = [
                 {
@@ -84,7 +86,8 @@ def build(endpoints: Iterable[Endpoint]) -> dict[str, Any]:
         "components": {
             "schemas": components,
             "securitySchemes": {
-                "dashboardSession": {"type": "apiKey", "in": "cookie", "name": "dashboard_session"}
+                "dashboardSession": {"type": "apiKey", "in": "cookie", "name": "dashboard_session"},
+                "apiKey": {"type": "http", "scheme": "bearer"},
             },
         },
     }

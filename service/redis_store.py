@@ -123,6 +123,15 @@ return n
 """
 
 
+# A lease is a key holding its owner's token; only the owner may extend or release it.
+# KEYS: lease key. ARGV: owner, ttl ms ('0' = release).
+_LEASE_OWNED = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '0' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+
 def connect(url: str) -> aioredis.Redis:
     """A client that fails fast: a dead Redis must turn into a quick 503, not a hang."""
     return aioredis.Redis.from_url(
@@ -157,6 +166,7 @@ class Store:
         self._totp_step = client.register_script(_TOTP_USE_STEP)
         self._session_touch = client.register_script(_SESSION_TOUCH)
         self._sessions_revoke = client.register_script(_SESSIONS_REVOKE)
+        self._lease_owned = client.register_script(_LEASE_OWNED)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -315,6 +325,28 @@ class Store:
             return int(await self.client.delete(*keys)) if keys else 0
 
         return await self.call(op)
+
+    # --- leases (one process at a time does a thing) ------------------------------------------
+
+    def lease_key(self, name: str) -> str:
+        return f"{self.prefix}lease:{name}"
+
+    async def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
+        key = self.lease_key(name)
+        ms = int(ttl * 1000)
+        return bool(await self.call(lambda: self.client.set(key, owner, nx=True, px=ms)))
+
+    async def renew_lease(self, name: str, owner: str, ttl: float) -> bool:
+        """Extend a lease we hold; False if it is not (or no longer) ours."""
+        keys, args = [self.lease_key(name)], [owner, str(max(1, int(ttl * 1000)))]
+        return bool(await self.call(lambda: self._lease_owned(keys=keys, args=args)))
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        keys, args = [self.lease_key(name)], [owner, "0"]
+        await self.call(lambda: self._lease_owned(keys=keys, args=args))
+
+    async def lease_held(self, name: str) -> bool:
+        return bool(await self.call(lambda: self.client.exists(self.lease_key(name))))
 
     # --- sessions -------------------------------------------------------------------------------
 

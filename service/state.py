@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
-from service.config import Config
-from service.live import LiveSettings
-from service.redis_store import Store
-from service.secret_box import SecretBox
+if TYPE_CHECKING:  # the modules below reach their routes' Services through this one
+    import httpx
+
+    from service.accounts.live import LiveAccounts
+    from service.accounts.tokens import TokenManager
+    from service.api_keys import LiveApiKeys
+    from service.config import Config
+    from service.live import LiveSettings
+    from service.redis_accounts import AccountStore
+    from service.redis_store import Store
+    from service.secret_box import SecretBox
 
 
 @dataclass
@@ -18,6 +26,11 @@ class Services:
     store: Store
     live: LiveSettings
     box: SecretBox
+    http: httpx.AsyncClient
+    api_keys: LiveApiKeys
+    account_store: AccountStore
+    accounts: LiveAccounts
+    tokens: TokenManager
     draining: bool = False
 
 

@@ -1,0 +1,1 @@
+"""ChatGPT accounts: auth.json import, tokens at rest and their refresh, usage windows."""

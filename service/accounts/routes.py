@@ -1,0 +1,272 @@
+"""``/api/accounts``: import auth.json files, list, pause, resume, delete.
+
+An import is all or nothing: every file is read and checked first, and one bad file fails the
+request (400, naming it) before anything is written; then one Lua script creates, updates or
+skips each identity atomically. ``import_without_overwrite`` comes from the live settings
+copy, so flipping it applies to the very next import on every replica.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator
+
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.accounts import authjson
+from service.accounts.authjson import AuthJsonError, ParsedAuth
+from service.accounts.live import AccountState
+from service.accounts.tokens import Tokens, seal
+from service.errors import (
+    InvalidAuthJson,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from service.http import drain_empty_body, is_json_content_type, json_response, read_body
+from service.records import rfc3339
+from service.redis_accounts import NewAccount
+from service.routing import Endpoint
+from service.schemas import Response as ResponseBody
+from service.state import Services, services
+
+FILE_LIMIT = 1024 * 1024
+# The whole multipart request: a thousand auth.json files are a few MiB.
+REQUEST_LIMIT = 64 * 1024 * 1024
+MAX_FILES = 5000
+PART_NAME = "auth_json"
+
+
+class AccountView(ResponseBody):
+    id: str
+    chatgpt_account_id: str
+    email: str
+    plan_type: str | None
+    status: str
+    primary_used_percent: float | None
+    primary_reset_at: str | None
+    secondary_used_percent: float | None
+    secondary_reset_at: str | None
+    last_used_at: str | None
+
+
+class AccountList(ResponseBody):
+    accounts: list[AccountView]
+
+
+class ImportResult(ResponseBody):
+    filename: str
+    status: str
+    account: AccountView
+
+
+class ImportResults(ResponseBody):
+    results: list[ImportResult]
+
+
+def _time(epoch: float | None) -> str | None:
+    return None if epoch is None else rfc3339(epoch)
+
+
+def view(a: AccountState) -> AccountView:
+    return AccountView(
+        id=a.id,
+        chatgpt_account_id=a.chatgpt_account_id,
+        email=a.email,
+        plan_type=a.plan_type,
+        status=a.status,
+        primary_used_percent=a.usage.primary_used_percent,
+        primary_reset_at=_time(a.usage.primary_reset_at),
+        secondary_used_percent=a.usage.secondary_used_percent,
+        secondary_reset_at=_time(a.usage.secondary_reset_at),
+        last_used_at=_time(a.last_used_at),
+    )
+
+
+# --- reading the request ----------------------------------------------------------------------
+
+
+async def _capped(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"Request body is over {limit // (1024 * 1024)} MiB")
+        yield chunk
+
+
+async def _documents(request: Request) -> list[tuple[str, bytes]]:
+    """(filename, content) of every auth.json in the request."""
+    content_type = request.headers.get("content-type", "")
+    if is_json_content_type(content_type):
+        body = await read_body(request, FILE_LIMIT)
+        return [("auth.json", body)]
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise UnsupportedMediaType("Send auth.json files as multipart/form-data or one as JSON")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > REQUEST_LIMIT:
+        raise PayloadTooLarge()
+    parser = MultiPartParser(
+        request.headers,
+        _capped(request, REQUEST_LIMIT),
+        max_files=MAX_FILES,
+        max_fields=MAX_FILES,
+        max_part_size=FILE_LIMIT,
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise InvalidAuthJson(f"Unreadable multipart body: {exc.message}") from None
+    documents = []
+    try:
+        for index, (name, value) in enumerate(form.multi_items()):
+            label = value.filename if isinstance(value, UploadFile) else None
+            label = label or f"{name}[{index}]"
+            if name != PART_NAME:
+                raise InvalidAuthJson(f"{label}: unexpected part {name!r}; send {PART_NAME!r}")
+            if isinstance(value, UploadFile):
+                if value.size is not None and value.size > FILE_LIMIT:
+                    raise PayloadTooLarge(f"{label} is over 1 MiB")
+                content = await value.read(FILE_LIMIT + 1)
+                if len(content) > FILE_LIMIT:
+                    raise PayloadTooLarge(f"{label} is over 1 MiB")
+            else:
+                content = value.encode()
+            documents.append((label, content))
+    finally:
+        await form.close()
+    if not documents:
+        raise InvalidAuthJson(f"No {PART_NAME!r} file in the request")
+    return documents
+
+
+def _parse_all(documents: list[tuple[str, bytes]]) -> list[ParsedAuth]:
+    parsed = []
+    for filename, content in documents:
+        try:
+            parsed.append(authjson.parse(content))
+        except AuthJsonError as exc:
+            raise InvalidAuthJson(f"{filename}: {exc}") from None
+    return parsed
+
+
+# --- routes -------------------------------------------------------------------------------------
+
+
+async def import_accounts(request: Request) -> Response:
+    svc = services(request)
+    documents = await _documents(request)
+    parsed = _parse_all(documents)
+    overwrite = not svc.live.get().import_without_overwrite
+    new = [
+        NewAccount(
+            id=p.account_key,
+            chatgpt_account_id=p.chatgpt_account_id,
+            email=p.email,
+            plan_type=p.plan_type or "",
+            sealed_tokens=seal(
+                svc.box,
+                Tokens(
+                    access_token=p.access_token,
+                    refresh_token=p.refresh_token,
+                    id_token=p.id_token,
+                    access_expires_at=p.access_expires_at,
+                ),
+            ),
+        )
+        for p in parsed
+    ]
+    statuses = await svc.account_store.import_accounts(new, overwrite=overwrite, now=time.time())
+    rows = await svc.account_store.get_many([a.id for a in new])
+    stored = {a.id: a for a in map(AccountState.from_fields, rows)}
+    results = [
+        ImportResult(filename=filename, status=status, account=view(stored[account.id]))
+        for (filename, _), account, status in zip(documents, new, statuses, strict=True)
+    ]
+    return json_response(ImportResults(results=results))
+
+
+async def list_accounts(request: Request) -> Response:
+    _, rows = await services(request).account_store.snapshot()
+    accounts = sorted(map(AccountState.from_fields, rows), key=lambda a: (a.created_at, a.id))
+    return json_response(AccountList(accounts=[view(a) for a in accounts]))
+
+
+async def _set_status(request: Request, status: str, only_if: tuple[str, str] | None) -> Response:
+    await drain_empty_body(request)
+    svc: Services = services(request)
+    account_id = request.path_params["account_id"]
+    if await svc.account_store.update(account_id, {"status": status}, only_if=only_if) < 0:
+        raise NotFound("No such account")
+    fields = await svc.account_store.get(account_id)
+    if fields is None:
+        raise NotFound("No such account")
+    return json_response(view(AccountState.from_fields(fields)))
+
+
+async def pause_account(request: Request) -> Response:
+    return await _set_status(request, "paused", None)
+
+
+async def resume_account(request: Request) -> Response:
+    # Only a paused account is resumed; any other status is left as it is.
+    return await _set_status(request, "active", ("status", "paused"))
+
+
+async def delete_account(request: Request) -> Response:
+    await drain_empty_body(request)
+    if not await services(request).account_store.delete(request.path_params["account_id"]):
+        raise NotFound("No such account")
+    return Response(status_code=204)
+
+
+ENDPOINTS = [
+    Endpoint(
+        "POST",
+        "/api/accounts/import",
+        import_accounts,
+        "Import Codex CLI auth.json files (multipart parts named auth_json, or one JSON)",
+        "accounts",
+        response=ImportResults,
+        errors=(400, 401, 403, 413, 415, 503),
+    ),
+    Endpoint(
+        "GET",
+        "/api/accounts",
+        list_accounts,
+        "List accounts (never a token)",
+        "accounts",
+        response=AccountList,
+        errors=(401, 503),
+    ),
+    Endpoint(
+        "POST",
+        "/api/accounts/{account_id}/pause",
+        pause_account,
+        "Pause an account",
+        "accounts",
+        response=AccountView,
+        errors=(401, 403, 404, 503),
+    ),
+    Endpoint(
+        "POST",
+        "/api/accounts/{account_id}/resume",
+        resume_account,
+        "Resume a paused account",
+        "accounts",
+        response=AccountView,
+        errors=(401, 403, 404, 503),
+    ),
+    Endpoint(
+        "DELETE",
+        "/api/accounts/{account_id}",
+        delete_account,
+        "Delete an account",
+        "accounts",
+        status=204,
+        errors=(401, 403, 404, 503),
+    ),
+]

@@ -1,0 +1,200 @@
+"""Account tokens: sealed at rest, opened on use, refreshed once per account deployment-wide.
+
+Refresh tokens are single-use upstream: two processes refreshing one account at once would
+lose it (``refresh_token_reused``). So a refresh takes a short Redis lease for the account;
+whoever holds it exchanges the token and stores the result with a compare-and-set on the
+account's ``tokens_version``. Everyone else, in this process (a lock) or another (the lease),
+waits and then reads the tokens the winner stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+
+import httpx
+import msgspec
+
+from service.accounts.authjson import AuthJsonError, jwt_claims
+from service.redis_accounts import AccountStore
+from service.redis_store import Store
+from service.secret_box import SecretBox
+
+log = logging.getLogger(__name__)
+
+CLIENT_ID = "app_EMoamEEZ73f0CkXaXp7hrann"
+SCOPE = "openid profile email"
+REFRESH_MARGIN_SECONDS = 300.0
+LEASE_SECONDS = 30.0
+WAIT_SECONDS = 20.0
+# The upstream says the refresh token can never work again: only a re-import helps.
+DEAD_GRANT_ERRORS = frozenset(
+    {"invalid_grant", "refresh_token_reused", "refresh_token_expired", "refresh_token_invalidated"}
+)
+
+
+class Tokens(msgspec.Struct, kw_only=True, frozen=True):
+    access_token: str
+    refresh_token: str
+    id_token: str
+    access_expires_at: float | None = None
+    refreshed_at: float | None = None
+
+    def expiring(self, now: float | None = None) -> bool:
+        if self.access_expires_at is None:
+            return False
+        now = time.time() if now is None else now
+        return self.access_expires_at - now < REFRESH_MARGIN_SECONDS
+
+
+class _OAuthReply(msgspec.Struct, kw_only=True):
+    access_token: str
+    refresh_token: str | None = None
+    id_token: str | None = None
+    expires_in: float | None = None
+
+
+class _OAuthError(msgspec.Struct, kw_only=True):
+    error: str | dict[str, object] | None = None
+
+
+class ReauthRequired(Exception):
+    """The account's refresh token is dead; the account was marked ``reauth_required``."""
+
+
+class RefreshFailed(Exception):
+    """A passing failure (network, upstream 5xx, lease wait timed out); try again later."""
+
+
+_tokens_decoder = msgspec.json.Decoder(Tokens)
+_reply_decoder = msgspec.json.Decoder(_OAuthReply)
+_error_decoder = msgspec.json.Decoder(_OAuthError)
+
+
+def seal(box: SecretBox, tokens: Tokens) -> bytes:
+    return box.seal(msgspec.json.encode(tokens).decode())
+
+
+def open_tokens(box: SecretBox, sealed: bytes) -> Tokens:
+    return _tokens_decoder.decode(box.open(sealed))
+
+
+def access_expiry(access_token: str) -> float | None:
+    try:
+        exp = jwt_claims(access_token).get("exp")
+    except AuthJsonError:
+        return None
+    return float(exp) if isinstance(exp, int | float) else None
+
+
+def _error_code(response: httpx.Response) -> str:
+    try:
+        error = _error_decoder.decode(response.content).error
+    except msgspec.DecodeError:
+        return ""
+    if isinstance(error, dict):
+        code = error.get("code") or error.get("type")
+        return code if isinstance(code, str) else ""
+    return error or ""
+
+
+class TokenManager:
+    def __init__(
+        self,
+        store: Store,
+        accounts: AccountStore,
+        box: SecretBox,
+        http: httpx.AsyncClient,
+        auth_base_url: str,
+    ):
+        self.store = store
+        self.accounts = accounts
+        self.box = box
+        self.http = http
+        self.token_url = f"{auth_base_url}/oauth/token"
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def usable(self, account_id: str, sealed: bytes, tokens_version: int) -> Tokens:
+        """The account's tokens, refreshed first if the access token is about to expire."""
+        tokens = open_tokens(self.box, sealed)
+        if tokens.expiring():
+            return await self.refresh(account_id, tokens_version)
+        return tokens
+
+    async def _stored(self, account_id: str) -> tuple[int, Tokens]:
+        fields = await self.accounts.get(account_id)
+        if fields is None:
+            raise ReauthRequired(f"account {account_id} no longer exists")
+        if fields.get("status") == "reauth_required":
+            raise ReauthRequired(f"account {account_id} needs to be imported again")
+        return int(fields["tokens_version"]), open_tokens(self.box, fields["tokens"].encode())
+
+    async def refresh(self, account_id: str, seen_version: int) -> Tokens:
+        """Tokens newer than ``seen_version``: exchanged here, or by whoever got there first."""
+        lock = self._locks.setdefault(account_id, asyncio.Lock())
+        async with lock:
+            version, tokens = await self._stored(account_id)
+            if version > seen_version:
+                return tokens
+            lease, owner = f"refresh:{account_id}", secrets.token_hex(8)
+            deadline = time.monotonic() + WAIT_SECONDS
+            while not await self.store.acquire_lease(lease, owner, LEASE_SECONDS):
+                # Another process is exchanging this account's token: wait for its result.
+                await asyncio.sleep(0.05)
+                version, tokens = await self._stored(account_id)
+                if version > seen_version:
+                    return tokens
+                if time.monotonic() > deadline:
+                    raise RefreshFailed("timed out waiting for another process's refresh")
+            try:
+                version, tokens = await self._stored(account_id)
+                if version > seen_version:
+                    return tokens
+                fresh = await self._exchange(account_id, tokens)
+                written = await self.accounts.update(
+                    account_id,
+                    {"tokens": seal(self.box, fresh)},
+                    only_if=("tokens_version", str(version)),
+                    increment="tokens_version",
+                )
+                if written <= 0:
+                    raise RefreshFailed("account changed while its token was refreshed")
+                log.info("refreshed the access token of account %s", account_id)
+                return fresh
+            finally:
+                await self.store.release_lease(lease, owner)
+
+    async def _exchange(self, account_id: str, tokens: Tokens) -> Tokens:
+        body = {
+            "grant_type": "refresh_token",
+            "client_id": CLIENT_ID,
+            "refresh_token": tokens.refresh_token,
+            "scope": SCOPE,
+        }
+        try:
+            response = await self.http.post(self.token_url, json=body)
+        except httpx.HTTPError as exc:
+            raise RefreshFailed(f"token refresh failed: {type(exc).__name__}") from None
+        if response.status_code in (400, 401) and _error_code(response) in DEAD_GRANT_ERRORS:
+            await self.accounts.update(account_id, {"status": "reauth_required"})
+            log.warning("account %s needs re-import: its refresh token was refused", account_id)
+            raise ReauthRequired(f"account {account_id} needs to be imported again")
+        if response.status_code != 200:
+            raise RefreshFailed(f"token refresh answered {response.status_code}")
+        try:
+            reply = _reply_decoder.decode(response.content)
+        except msgspec.DecodeError:
+            raise RefreshFailed("token refresh answered an unreadable body") from None
+        now = time.time()
+        expires_at = access_expiry(reply.access_token)
+        if expires_at is None and reply.expires_in is not None:
+            expires_at = now + reply.expires_in
+        return Tokens(
+            access_token=reply.access_token,
+            refresh_token=reply.refresh_token or tokens.refresh_token,
+            id_token=reply.id_token or tokens.id_token,
+            access_expires_at=expires_at,
+            refreshed_at=now,
+        )

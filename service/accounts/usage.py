@@ -1,0 +1,162 @@
+"""Usage polling: one process of the deployment at a time (a Redis lease) asks the upstream's
+``wham/usage`` for every account that can serve and stores its two windows.
+
+The windows drive routing (remaining capacity), the accounts list and ``/api/codex/usage``; an
+exhausted window moves the account to ``rate_limited`` (5-hour) or ``quota_exceeded`` (weekly)
+and a recovered one back to ``active``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+
+import httpx
+import msgspec
+
+from service.accounts.live import AccountState, LiveAccounts, Usage
+from service.accounts.tokens import ReauthRequired, RefreshFailed, TokenManager
+from service.errors import StoreUnavailable
+from service.redis_accounts import AccountStore
+from service.redis_store import Store
+from service.upstream import account_headers
+
+log = logging.getLogger(__name__)
+
+LEASE = "usage-poller"
+CONCURRENCY = 8
+# Statuses the poller may change; paused and reauth_required are the operator's to clear.
+POLLED = frozenset({"active", "rate_limited", "quota_exceeded"})
+
+
+class _Window(msgspec.Struct, kw_only=True):
+    used_percent: float | None = None
+    limit_window_seconds: int | None = None
+    reset_after_seconds: float | None = None
+    reset_at: float | None = None
+
+
+class _RateLimit(msgspec.Struct, kw_only=True):
+    allowed: bool = True
+    limit_reached: bool = False
+    primary_window: _Window | None = None
+    secondary_window: _Window | None = None
+
+
+class _WhamUsage(msgspec.Struct, kw_only=True):
+    plan_type: str | None = None
+    rate_limit: _RateLimit | None = None
+
+
+_wham = msgspec.json.Decoder(_WhamUsage)
+
+
+def usage_from_wham(body: bytes, now: float) -> tuple[Usage, bool]:
+    """The stored windows, and whether the upstream says the limit is reached."""
+    reply = _wham.decode(body)
+    limit = reply.rate_limit or _RateLimit()
+    p, s = limit.primary_window or _Window(), limit.secondary_window or _Window()
+
+    def reset(w: _Window) -> float | None:
+        if w.reset_at is not None:
+            return w.reset_at
+        return None if w.reset_after_seconds is None else now + w.reset_after_seconds
+
+    usage = Usage(
+        primary_used_percent=p.used_percent,
+        primary_reset_at=reset(p),
+        primary_window_seconds=p.limit_window_seconds,
+        secondary_used_percent=s.used_percent,
+        secondary_reset_at=reset(s),
+        secondary_window_seconds=s.limit_window_seconds,
+        updated_at=now,
+    )
+    return usage, limit.limit_reached
+
+
+def status_for(usage: Usage, limit_reached: bool) -> str:
+    if (usage.secondary_used_percent or 0) >= 100:
+        return "quota_exceeded"
+    if limit_reached or (usage.primary_used_percent or 0) >= 100:
+        return "rate_limited"
+    return "active"
+
+
+class UsagePoller:
+    def __init__(
+        self,
+        store: Store,
+        accounts: AccountStore,
+        live: LiveAccounts,
+        tokens: TokenManager,
+        http: httpx.AsyncClient,
+        upstream_base_url: str,
+        interval: float,
+    ):
+        self.store = store
+        self.accounts = accounts
+        self.live = live
+        self.tokens = tokens
+        self.http = http
+        self.url = f"{upstream_base_url}/wham/usage"
+        self.interval = interval
+        self.owner = secrets.token_hex(8)
+
+    async def run(self) -> None:
+        """Forever: hold (or wait for) the lease, and poll every ``interval`` while holding it."""
+        lease_ttl = self.interval * 3
+        while True:
+            try:
+                held = await self.store.renew_lease(LEASE, self.owner, lease_ttl)
+                if held or await self.store.acquire_lease(LEASE, self.owner, lease_ttl):
+                    await self.poll_all()
+            except StoreUnavailable:
+                log.debug("usage poll skipped: Redis unavailable")
+            await asyncio.sleep(self.interval)
+
+    async def stop(self) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.release_lease(LEASE, self.owner)
+
+    async def poll_all(self) -> None:
+        gate = asyncio.Semaphore(CONCURRENCY)
+
+        async def one(account: AccountState) -> None:
+            async with gate:
+                await self.poll(account)
+
+        await asyncio.gather(*(one(a) for a in self.live.accounts.values() if a.status in POLLED))
+
+    async def poll(self, account: AccountState) -> None:
+        try:
+            response = await self._fetch(account)
+        except (ReauthRequired, RefreshFailed, httpx.HTTPError) as exc:
+            log.info("usage of account %s not polled: %s", account.id, type(exc).__name__)
+            return
+        if response.status_code != 200:
+            log.info("usage of account %s: upstream answered %s", account.id, response.status_code)
+            return
+        try:
+            usage, limit_reached = usage_from_wham(response.content, time.time())
+        except msgspec.DecodeError:
+            log.warning("usage of account %s: unreadable reply", account.id)
+            return
+        values = {
+            "usage": msgspec.json.encode(usage).decode(),
+            "status": status_for(usage, limit_reached),
+        }
+        # Only over the status we saw: a pause in the meantime wins.
+        await self.accounts.update(account.id, values, only_if=("status", account.status))
+
+    async def _fetch(self, account: AccountState) -> httpx.Response:
+        tokens = await self.tokens.usable(account.id, account.sealed_tokens, account.tokens_version)
+        headers = account_headers(tokens.access_token, account.chatgpt_account_id)
+        response = await self.http.get(self.url, headers=headers)
+        if response.status_code == 401:
+            tokens = await self.tokens.refresh(account.id, account.tokens_version)
+            headers = account_headers(tokens.access_token, account.chatgpt_account_id)
+            response = await self.http.get(self.url, headers=headers)
+        return response

@@ -1,0 +1,69 @@
+"""The API-key gate in front of every proxy route (pure ASGI middleware).
+
+Decided from this process's live copies only (settings and keys): no Redis round trip per
+request. With ``api_key_auth_enabled`` on, a live key is required. With it off, keyless use is
+allowed from loopback and ``CODEX_LB_PROXY_UNAUTHENTICATED_CLIENT_CIDRS`` only (a valid key is
+accepted from anywhere). A process that has not loaded its settings, or the keys when they are
+needed, serves no proxy traffic at all.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.clients import client_ip
+from service.errors import InvalidApiKey, NotReady, ServiceError, openai_error_response
+from service.state import Services
+
+GATED_PREFIXES = ("/v1/", "/backend-api/codex/", "/backend-api/transcribe")
+KEYLESS_REFUSED = (
+    "API key authentication is off, so keyless use is allowed only from this machine or "
+    "CODEX_LB_PROXY_UNAUTHENTICATED_CLIENT_CIDRS; create an API key and enable "
+    "api_key_auth_enabled to use codex-lb from elsewhere"
+)
+
+
+def bearer(conn: HTTPConnection) -> str | None:
+    value = conn.headers.get("authorization", "")
+    scheme, _, token = value.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def admit(svc: Services, conn: HTTPConnection) -> None:
+    """Raise unless this request may use the proxy."""
+    settings = svc.live.current
+    if settings is None or svc.draining:
+        raise NotReady("codex-lb is not ready to serve requests")
+    key = bearer(conn)
+    if settings.api_key_auth_enabled:
+        if not svc.api_keys.loaded:
+            raise NotReady("API keys are not loaded yet")
+        if key is None or svc.api_keys.check_key(key) is None:
+            raise InvalidApiKey()
+        return
+    if key is not None and svc.api_keys.check_key(key) is not None:
+        return
+    try:
+        ip = ipaddress.ip_address(client_ip(conn, svc.config.trusted_proxy_cidrs))
+    except ValueError:
+        raise InvalidApiKey(KEYLESS_REFUSED) from None
+    if ip.is_loopback or any(ip in net for net in svc.config.proxy_unauthenticated_client_cidrs):
+        return
+    raise InvalidApiKey(KEYLESS_REFUSED)
+
+
+class ApiKeyGate:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(GATED_PREFIXES):
+            try:
+                admit(scope["app"].state.services, HTTPConnection(scope))
+            except ServiceError as exc:
+                await openai_error_response(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -1,0 +1,174 @@
+"""Proxy routes that answer from the pool: ``GET /v1/models`` and ``GET /api/codex/usage``."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+
+import httpx
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.accounts.live import AccountState, Usage
+from service.accounts.tokens import ReauthRequired, RefreshFailed
+from service.errors import NoAccounts, UpstreamError
+from service.http import json_response
+from service.routing import Endpoint
+from service.schemas import Response as ResponseBody
+from service.state import Services, services
+from service.upstream import account_headers
+
+# --- /v1/models ---------------------------------------------------------------------------------
+
+
+class Model(ResponseBody):
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = "openai"
+
+
+class ModelList(ResponseBody):
+    object: str = "list"
+    data: list[Model]
+
+
+class _UpstreamModel(msgspec.Struct):
+    slug: str
+
+
+class _UpstreamModels(msgspec.Struct):
+    models: list[_UpstreamModel]
+
+
+_models = msgspec.json.Decoder(_UpstreamModels)
+
+
+async def _get_with_account(svc: Services, path: str) -> httpx.Response:
+    """GET an upstream route with one serving account, refreshing its token once on a 401."""
+    candidates = svc.accounts.serving()
+    random.shuffle(candidates)
+    for account in candidates:
+        try:
+            tokens = await svc.tokens.usable(
+                account.id, account.sealed_tokens, account.tokens_version
+            )
+            url = f"{svc.config.upstream_base_url}{path}"
+            headers = account_headers(tokens.access_token, account.chatgpt_account_id)
+            response = await svc.http.get(url, headers=headers)
+            if response.status_code == 401:
+                tokens = await svc.tokens.refresh(account.id, account.tokens_version)
+                headers = account_headers(tokens.access_token, account.chatgpt_account_id)
+                response = await svc.http.get(url, headers=headers)
+        except (ReauthRequired, RefreshFailed, httpx.HTTPError):
+            continue  # try the next account
+        if response.status_code == 401 or response.status_code >= 500:
+            continue
+        return response
+    raise NoAccounts()
+
+
+async def list_models(request: Request) -> Response:
+    response = await _get_with_account(services(request), "/codex/models")
+    if response.status_code != 200:
+        raise UpstreamError(f"The upstream answered {response.status_code} for the model list")
+    try:
+        upstream = _models.decode(response.content)
+    except msgspec.DecodeError:
+        raise UpstreamError("The upstream's model list was unreadable") from None
+    return json_response(ModelList(data=[Model(id=m.slug) for m in upstream.models]))
+
+
+# --- /api/codex/usage -----------------------------------------------------------------------------
+
+
+class UsageWindow(ResponseBody):
+    used_percent: float
+    limit_window_seconds: int | None
+    reset_after_seconds: int | None
+    reset_at: int | None
+
+
+class RateLimit(ResponseBody):
+    allowed: bool
+    limit_reached: bool
+    primary_window: UsageWindow | None
+    secondary_window: UsageWindow | None
+
+
+class Credits(ResponseBody):
+    has_credits: bool = False
+    unlimited: bool = False
+    balance: str = "0"
+
+
+class PoolUsage(ResponseBody):
+    """The upstream ``wham/usage`` shape, for the whole pool."""
+
+    plan_type: str | None
+    rate_limit: RateLimit
+    credits: Credits
+
+
+def _window(usages: list[Usage], which: str, now: float) -> UsageWindow | None:
+    """Mean used percent over the accounts that reported it; the earliest reset among them."""
+    used = [getattr(u, f"{which}_used_percent") for u in usages]
+    known = [p for p in used if p is not None]
+    if not known:
+        return None
+    resets = [r for u in usages if (r := getattr(u, f"{which}_reset_at")) is not None]
+    sizes = [s for u in usages if (s := getattr(u, f"{which}_window_seconds")) is not None]
+    reset_at = min(resets) if resets else None
+    return UsageWindow(
+        used_percent=round(sum(known) / len(known), 2),
+        limit_window_seconds=max(sizes) if sizes else None,
+        reset_after_seconds=None if reset_at is None else max(0, int(reset_at - now)),
+        reset_at=None if reset_at is None else int(reset_at),
+    )
+
+
+def pool_usage(accounts: list[AccountState], now: float) -> PoolUsage:
+    pool = [a for a in accounts if a.status not in ("paused", "reauth_required")]
+    serving = [a for a in pool if a.status == "active"]
+    plans = Counter(a.plan_type for a in pool if a.plan_type)
+    usages = [a.usage for a in pool]
+    return PoolUsage(
+        plan_type=plans.most_common(1)[0][0] if plans else None,
+        rate_limit=RateLimit(
+            allowed=bool(serving),
+            limit_reached=bool(pool) and not serving,
+            primary_window=_window(usages, "primary", now),
+            secondary_window=_window(usages, "secondary", now),
+        ),
+        credits=Credits(),
+    )
+
+
+async def codex_usage(request: Request) -> Response:
+    accounts = list(services(request).accounts.accounts.values())
+    return json_response(pool_usage(accounts, time.time()))
+
+
+ENDPOINTS = [
+    Endpoint(
+        "GET",
+        "/v1/models",
+        list_models,
+        "Models, through one active account",
+        "proxy",
+        response=ModelList,
+        auth="api_key",
+        errors=(401, 502, 503),
+    ),
+    Endpoint(
+        "GET",
+        "/api/codex/usage",
+        codex_usage,
+        "The pool's combined rate-limit windows",
+        "proxy",
+        response=PoolUsage,
+        auth="none",
+    ),
+]

@@ -1,0 +1,191 @@
+"""Accounts in Redis: one hash per account, an index set, a version counter and a channel.
+
+Each change is one Lua script that writes, bumps the version and publishes either the
+account's whole hash (one account changed) or a resync marker (a bulk import), so a live copy
+applies changes in order and reloads everything when it sees a gap. Tokens are stored sealed
+(``SecretBox``), never in the clear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from service.redis_store import ScriptArg, Store
+
+# KEYS: index set, version key. ARGV: account key prefix, overwrite ('1'|'0'), channel, now,
+# then five per account: id, chatgpt_account_id, email, plan_type, sealed tokens.
+_IMPORT = """
+local results, changed = {}, false
+local count = (#ARGV - 4) / 5
+for i = 0, count - 1 do
+  local b = 4 + i * 5
+  local id = ARGV[b + 1]
+  local key = ARGV[1] .. id
+  if redis.call('EXISTS', key) == 1 then
+    if ARGV[2] == '1' then
+      redis.call('HSET', key, 'tokens', ARGV[b + 5], 'plan_type', ARGV[b + 4])
+      redis.call('HINCRBY', key, 'tokens_version', 1)
+      if redis.call('HGET', key, 'status') == 'reauth_required' then
+        redis.call('HSET', key, 'status', 'active')
+      end
+      results[#results + 1] = 'updated'
+      changed = true
+    else
+      results[#results + 1] = 'skipped'
+    end
+  else
+    redis.call('HSET', key, 'id', id, 'chatgpt_account_id', ARGV[b + 2], 'email', ARGV[b + 3],
+      'plan_type', ARGV[b + 4], 'tokens', ARGV[b + 5], 'tokens_version', '1',
+      'status', 'active', 'usage', '{}', 'created_at', ARGV[4], 'last_used_at', '')
+    redis.call('SADD', KEYS[1], id)
+    results[#results + 1] = 'created'
+    changed = true
+  end
+end
+if changed then
+  local version = redis.call('INCR', KEYS[2])
+  redis.call('PUBLISH', ARGV[3], '{"version":' .. version .. ',"resync":true}')
+end
+return results
+"""
+
+# KEYS: account key, version key. ARGV: channel, id, condition field ('' = none), its required
+# value, field to increment ('' = none), then field/value pairs to set.
+# Returns -1 (no such account), 0 (condition failed) or the new version.
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], ARGV[3]) ~= ARGV[4] then return 0 end
+if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
+if ARGV[5] ~= '' then redis.call('HINCRBY', KEYS[1], ARGV[5], 1) end
+local version = redis.call('INCR', KEYS[2])
+local flat = redis.call('HGETALL', KEYS[1])
+local fields = {}
+for i = 1, #flat, 2 do fields[flat[i]] = flat[i + 1] end
+redis.call('PUBLISH', ARGV[1], cjson.encode({version = version, id = ARGV[2], fields = fields}))
+return version
+"""
+
+# KEYS: account key, version key, index set. ARGV: channel, id.
+_DELETE = """
+if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+redis.call('SREM', KEYS[3], ARGV[2])
+local version = redis.call('INCR', KEYS[2])
+redis.call('PUBLISH', ARGV[1], '{"version":' .. version .. ',"id":' .. cjson.encode(ARGV[2]) .. '}')
+return version
+"""
+
+# KEYS: index set, version key. ARGV: account key prefix. One consistent read of everything.
+_SNAPSHOT = """
+local out = {redis.call('GET', KEYS[2]) or '0'}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  out[#out + 1] = redis.call('HGETALL', ARGV[1] .. id)
+end
+return out
+"""
+
+Fields = dict[str, str]
+
+
+class AccountMessage(msgspec.Struct, kw_only=True, frozen=True):
+    version: int
+    id: str | None = None
+    fields: Fields | None = None
+    resync: bool = False
+
+
+message_decoder = msgspec.json.Decoder(AccountMessage)
+
+
+class NewAccount(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    chatgpt_account_id: str
+    email: str
+    plan_type: str
+    sealed_tokens: bytes
+
+
+def _fields(flat: list[bytes]) -> Fields:
+    return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+
+
+class AccountStore:
+    def __init__(self, store: Store):
+        self.store = store
+        self.index_key = f"{store.prefix}accounts"
+        self.version_key = f"{store.prefix}accounts:version"
+        self.account_prefix = f"{store.prefix}account:"
+        self.channel = f"{store.prefix}ch:accounts"
+        client = store.client
+        self._import = client.register_script(_IMPORT)
+        self._update = client.register_script(_UPDATE)
+        self._delete = client.register_script(_DELETE)
+        self._snapshot = client.register_script(_SNAPSHOT)
+
+    async def import_accounts(
+        self, accounts: list[NewAccount], *, overwrite: bool, now: float
+    ) -> list[str]:
+        """Create or update (or skip) each account in one atomic step; a status per account."""
+        args: list[ScriptArg] = [self.account_prefix, "1" if overwrite else "0", self.channel, now]
+        for a in accounts:
+            args += [a.id, a.chatgpt_account_id, a.email, a.plan_type, a.sealed_tokens]
+        keys = [self.index_key, self.version_key]
+        raw: list[bytes] = await self.store.call(lambda: self._import(keys=keys, args=args))
+        return [r.decode() for r in raw]
+
+    async def update(
+        self,
+        account_id: str,
+        values: Mapping[str, str | bytes],
+        *,
+        only_if: tuple[str, str] | None = None,
+        increment: str = "",
+    ) -> int:
+        """Set ``values`` (if ``only_if`` field holds that value); -1 unknown, 0 refused, else
+        the new version."""
+        args: list[ScriptArg] = [self.channel, account_id, *(only_if or ("", "")), increment]
+        for name, value in values.items():
+            args += [name, value]
+        keys = [self.account_prefix + account_id, self.version_key]
+        return int(await self.store.call(lambda: self._update(keys=keys, args=args)))
+
+    async def delete(self, account_id: str) -> bool:
+        keys = [self.account_prefix + account_id, self.version_key, self.index_key]
+        args = [self.channel, account_id]
+        return bool(await self.store.call(lambda: self._delete(keys=keys, args=args)))
+
+    async def version(self) -> int:
+        raw = await self.store.get(self.version_key)
+        return int(raw) if raw else 0
+
+    async def snapshot(self) -> tuple[int, list[Fields]]:
+        keys = [self.index_key, self.version_key]
+        raw: list[Any] = await self.store.call(
+            lambda: self._snapshot(keys=keys, args=[self.account_prefix])
+        )
+        return int(raw[0]), [_fields(flat) for flat in raw[1:] if flat]
+
+    async def get_many(self, account_ids: list[str]) -> list[Fields]:
+        async def op() -> list[Any]:
+            async with self.store.client.pipeline(transaction=False) as pipe:
+                for account_id in dict.fromkeys(account_ids):
+                    pipe.hgetall(self.account_prefix + account_id)
+                result: list[Any] = await pipe.execute()
+                return result
+
+        rows = await self.store.call(op)
+        return [{_s(k): _s(v) for k, v in row.items()} for row in rows if row]
+
+    async def get(self, account_id: str) -> Fields | None:
+        flat = await self.store.call(
+            lambda: self.store.client.hgetall(self.account_prefix + account_id)
+        )
+        if not flat:
+            return None
+        return {_s(k): _s(v) for k, v in flat.items()}
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
