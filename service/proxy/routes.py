@@ -31,8 +31,8 @@ class Model(ResponseBody):
 
 
 class ModelList(ResponseBody):
-    object: str = "list"
     data: list[Model]
+    object: str = "list"
 
 
 class _UpstreamModel(msgspec.Struct):
