@@ -50,6 +50,9 @@ def config_dict(fmt: str, level: str = "INFO") -> dict[str, Any]:
             "uvicorn": {"handlers": ["stderr"], "level": level, "propagate": False},
             "uvicorn.error": {"level": level},
             "uvicorn.access": {"handlers": ["stderr"], "level": "WARNING", "propagate": False},
+            # One line per upstream call is noise; failures are logged by our own code.
+            "httpx": {"level": "WARNING"},
+            "httpcore": {"level": "WARNING"},
         },
     }
 
