@@ -1,4 +1,4 @@
-"""Benchmarks of codex-lb's settings plane, each against its own Redis and serve processes.
+"""Benchmarks of codex-lb (settings plane, accounts, API keys), each with its own Redis.
 
 Run them with ``scripts/bench`` (no arguments lists them).
 """
@@ -9,7 +9,7 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench import hotpath, latency, propagation
+from bench import account_import, hotpath, keycheck, latency, propagation
 from bench.common import Check
 
 
@@ -22,10 +22,12 @@ class Benchmark:
 
 
 BENCHMARKS: tuple[Benchmark, ...] = tuple(
-    Benchmark(m.NAME, m.SUMMARY, m.add_arguments, m.run) for m in (propagation, latency, hotpath)
+    Benchmark(m.NAME, m.SUMMARY, m.add_arguments, m.run)
+    for m in (propagation, latency, hotpath, account_import, keycheck)
 )
 
 # Groups of benchmarks run together under one name.
 SUITES: dict[str, tuple[str, ...]] = {
     "settings": ("propagation", "latency", "hotpath"),
+    "accounts": ("import", "keycheck"),
 }

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO
 
 import httpx
+import redis
 
 from tests.support import BOOTSTRAP_TOKEN, PASSWORD, RedisServer, base_env, free_port
 
@@ -135,8 +136,13 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def cluster(processes: int, *, workers: int = 1) -> Iterator[Cluster]:
-    """A private redis-server and ``processes`` serve processes sharing it, all on loopback."""
+def cluster(
+    processes: int, *, workers: int = 1, extra_env: Mapping[str, str] | None = None
+) -> Iterator[Cluster]:
+    """A private redis-server and ``processes`` serve processes sharing it, all on loopback.
+
+    ``extra_env`` adds (or overrides) ``CODEX_LB_*`` variables of every serve process.
+    """
     if shutil.which("redis-server") is None:
         raise BenchError("redis-server is not installed (scripts/install installs it as root)")
     workdir = Path(tempfile.mkdtemp(prefix="codexlb-bench-"))
@@ -145,7 +151,7 @@ def cluster(processes: int, *, workers: int = 1) -> Iterator[Cluster]:
     try:
         server.start()
         prefix = f"bench:{uuid.uuid4().hex[:8]}:"
-        env = base_env(server.url, prefix, workdir / "data")
+        env = base_env(server.url, prefix, workdir / "data", **(extra_env or {}))
         serves = [Serve(env, workdir, workers=workers) for _ in range(processes)]
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         for serve in serves:
@@ -194,6 +200,33 @@ def expect(response: httpx.Response, status: int = 200) -> httpx.Response:
 def epoch(rfc3339: str) -> float:
     """Epoch seconds of an RFC 3339 time such as ``2025-01-02T03:04:05.123456Z``."""
     return datetime.fromisoformat(rfc3339).timestamp()
+
+
+def unreachable_url() -> str:
+    """A loopback URL nothing listens on: an upstream that refuses at once, never the internet."""
+    return f"http://{HOST}:{free_port()}"
+
+
+# --- Redis -----------------------------------------------------------------------------------
+
+# Our own INFO calls land in the counts too; they are the measurement, not the service.
+OWN_COMMANDS = frozenset({"info"})
+
+
+def commandstats(client: redis.Redis) -> dict[str, int]:
+    """Calls per command so far (``INFO commandstats``)."""
+    stats = client.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): int(entry["calls"])
+        for name, entry in stats.items()
+        if isinstance(entry, dict)
+    }
+
+
+def command_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """Calls per command between two ``commandstats``, leaving out our own INFO calls."""
+    names = set(before) | set(after)
+    return {n: after.get(n, 0) - before.get(n, 0) for n in names if n not in OWN_COMMANDS}
 
 
 # --- statistics and output --------------------------------------------------------------------
