@@ -148,9 +148,14 @@ def _name(value: str) -> str:
 async def create_key(store: ApiKeyStore, body: ApiKeyCreate) -> ApiKeyCreated:
     expires_at = None
     if body.expires_at is not None:
-        if body.expires_at.timestamp() <= time.time():
+        try:
+            # Near 9999-12-31 the UTC instant (or a float round trip) can fall past year 9999.
+            expires = body.expires_at.astimezone(UTC)
+        except OverflowError:
+            raise ValidationFailed("expires_at is out of range - at `$.expires_at`") from None
+        if expires.timestamp() <= time.time():
             raise ValidationFailed("expires_at must be in the future - at `$.expires_at`")
-        expires_at = rfc3339(body.expires_at.astimezone(UTC).timestamp())
+        expires_at = expires.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     record = ApiKeyRecord(
         id=f"key_{secrets.token_hex(8)}",
