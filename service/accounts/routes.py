@@ -102,7 +102,10 @@ async def _documents(request: Request) -> list[tuple[str, bytes]]:
     """(filename, content) of every auth.json in the request."""
     content_type = request.headers.get("content-type", "")
     if is_json_content_type(content_type):
-        body = await read_body(request, FILE_LIMIT)
+        try:
+            body = await read_body(request, FILE_LIMIT)
+        except PayloadTooLarge:
+            raise PayloadTooLarge("auth.json is over 1 MiB") from None
         return [("auth.json", body)]
     if not content_type.lower().startswith("multipart/form-data"):
         raise UnsupportedMediaType("Send auth.json files as multipart/form-data or one as JSON")
@@ -119,6 +122,9 @@ async def _documents(request: Request) -> list[tuple[str, bytes]]:
     try:
         form = await parser.parse()
     except MultiPartException as exc:
+        # A plain (non-file) part over ``max_part_size``: too large, like an oversize file.
+        if "exceeded maximum size" in exc.message:
+            raise PayloadTooLarge("A form field is over 1 MiB") from None
         raise InvalidAuthJson(f"Unreadable multipart body: {exc.message}") from None
     documents = []
     try:
