@@ -167,6 +167,34 @@ async def test_access_token_refreshed_when_it_expires_within_5_minutes(
     assert_no_secret(logs.text, secrets, "the log")
 
 
+async def test_a_token_refreshed_for_expiry_and_then_refused_is_refreshed_again(
+    harness: AppHarness, admin: httpx.AsyncClient, raw_redis: redis.Redis, prefix: str
+) -> None:
+    """The retry after a 401 must exchange the token it just used, not hand it back again."""
+    doc = auth_json(access_exp=time.time() + 60)
+    first, second = new_tokens("first"), new_tokens("second")
+    account_id = await import_one(harness, doc)
+    with respx.mock(assert_all_called=False) as mock:
+        token = mock.post(TOKEN_URL).mock(
+            side_effect=[httpx.Response(200, json=first), httpx.Response(200, json=second)]
+        )
+        # The upstream has already revoked the first refreshed token.
+        models = mock.get(MODELS).mock(side_effect=models_accepting(second["access_token"]))
+        r = await admin.get("/v1/models")
+        assert r.status_code == 200, r.text
+        assert token.call_count == 2
+        assert refresh_bodies(token) == [
+            expected_body("rt-secret-1"),
+            expected_body("rt-new-first"),
+        ]
+        assert [c.request.headers["authorization"] for c in models.calls] == [
+            f"Bearer {first['access_token']}",
+            f"Bearer {second['access_token']}",
+        ]
+    assert account_hash(raw_redis, prefix, account_id)[b"tokens_version"] == b"3"
+    assert opened(raw_redis, prefix, account_id)["access_token"] == second["access_token"]
+
+
 async def test_upstream_401_refreshes_once_and_retries(
     harness: AppHarness,
     admin: httpx.AsyncClient,

@@ -18,9 +18,11 @@ import httpx
 import msgspec
 
 from service.accounts.authjson import AuthJsonError, jwt_claims
+from service.accounts.live import AccountState
 from service.redis_accounts import AccountStore
 from service.redis_store import Store
 from service.secret_box import SecretBox
+from service.upstream import account_headers as _headers
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,10 @@ def access_expiry(access_token: str) -> float | None:
     return float(exp) if isinstance(exp, int | float) else None
 
 
+def account_headers(tokens: Tokens, account: AccountState) -> dict[str, str]:
+    return _headers(tokens.access_token, account.chatgpt_account_id)
+
+
 def _error_code(response: httpx.Response) -> str:
     try:
         error = _error_decoder.decode(response.content).error
@@ -116,12 +122,17 @@ class TokenManager:
         self.token_url = f"{auth_base_url}/oauth/token"
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def usable(self, account_id: str, sealed: bytes, tokens_version: int) -> Tokens:
-        """The account's tokens, refreshed first if the access token is about to expire."""
-        tokens = open_tokens(self.box, sealed)
+    async def get_as(self, account: AccountState, url: str) -> httpx.Response:
+        """GET an upstream control route as ``account``: its token refreshed first if about to
+        expire, and once more (then retried) if the upstream refuses it."""
+        version, tokens = account.tokens_version, open_tokens(self.box, account.sealed_tokens)
         if tokens.expiring():
-            return await self.refresh(account_id, tokens_version)
-        return tokens
+            version, tokens = await self._refresh(account.id, version)
+        response = await self.http.get(url, headers=account_headers(tokens, account))
+        if response.status_code == 401:
+            version, tokens = await self._refresh(account.id, version)
+            response = await self.http.get(url, headers=account_headers(tokens, account))
+        return response
 
     async def _stored(self, account_id: str) -> tuple[int, Tokens]:
         fields = await self.accounts.get(account_id)
@@ -133,11 +144,14 @@ class TokenManager:
 
     async def refresh(self, account_id: str, seen_version: int) -> Tokens:
         """Tokens newer than ``seen_version``: exchanged here, or by whoever got there first."""
+        return (await self._refresh(account_id, seen_version))[1]
+
+    async def _refresh(self, account_id: str, seen_version: int) -> tuple[int, Tokens]:
         lock = self._locks.setdefault(account_id, asyncio.Lock())
         async with lock:
             version, tokens = await self._stored(account_id)
             if version > seen_version:
-                return tokens
+                return version, tokens
             lease, owner = f"refresh:{account_id}", secrets.token_hex(8)
             deadline = time.monotonic() + WAIT_SECONDS
             while not await self.store.acquire_lease(lease, owner, LEASE_SECONDS):
@@ -145,13 +159,13 @@ class TokenManager:
                 await asyncio.sleep(0.05)
                 version, tokens = await self._stored(account_id)
                 if version > seen_version:
-                    return tokens
+                    return version, tokens
                 if time.monotonic() > deadline:
                     raise RefreshFailed("timed out waiting for another process's refresh")
             try:
                 version, tokens = await self._stored(account_id)
                 if version > seen_version:
-                    return tokens
+                    return version, tokens
                 fresh = await self._exchange(account_id, tokens)
                 written = await self.accounts.update(
                     account_id,
@@ -162,7 +176,7 @@ class TokenManager:
                 if written <= 0:
                     raise RefreshFailed("account changed while its token was refreshed")
                 log.info("refreshed the access token of account %s", account_id)
-                return fresh
+                return version + 1, fresh
             finally:
                 await self.store.release_lease(lease, owner)
 

@@ -22,7 +22,6 @@ from service.accounts.tokens import ReauthRequired, RefreshFailed, TokenManager
 from service.errors import StoreUnavailable
 from service.redis_accounts import AccountStore
 from service.redis_store import Store
-from service.upstream import account_headers
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +131,7 @@ class UsagePoller:
 
     async def poll(self, account: AccountState) -> None:
         try:
-            response = await self._fetch(account)
+            response = await self.tokens.get_as(account, self.url)
         except (ReauthRequired, RefreshFailed, httpx.HTTPError) as exc:
             log.info("usage of account %s not polled: %s", account.id, type(exc).__name__)
             return
@@ -150,13 +149,3 @@ class UsagePoller:
         }
         # Only over the status we saw: a pause in the meantime wins.
         await self.accounts.update(account.id, values, only_if=("status", account.status))
-
-    async def _fetch(self, account: AccountState) -> httpx.Response:
-        tokens = await self.tokens.usable(account.id, account.sealed_tokens, account.tokens_version)
-        headers = account_headers(tokens.access_token, account.chatgpt_account_id)
-        response = await self.http.get(self.url, headers=headers)
-        if response.status_code == 401:
-            tokens = await self.tokens.refresh(account.id, account.tokens_version)
-            headers = account_headers(tokens.access_token, account.chatgpt_account_id)
-            response = await self.http.get(self.url, headers=headers)
-        return response

@@ -18,7 +18,6 @@ from service.http import json_response
 from service.routing import Endpoint
 from service.schemas import Response as ResponseBody
 from service.state import Services, services
-from service.upstream import account_headers
 
 # --- /v1/models ---------------------------------------------------------------------------------
 
@@ -50,18 +49,10 @@ async def _get_with_account(svc: Services, path: str) -> httpx.Response:
     """GET an upstream route with one serving account, refreshing its token once on a 401."""
     candidates = svc.accounts.serving()
     random.shuffle(candidates)
+    url = f"{svc.config.upstream_base_url}{path}"
     for account in candidates:
         try:
-            tokens = await svc.tokens.usable(
-                account.id, account.sealed_tokens, account.tokens_version
-            )
-            url = f"{svc.config.upstream_base_url}{path}"
-            headers = account_headers(tokens.access_token, account.chatgpt_account_id)
-            response = await svc.http.get(url, headers=headers)
-            if response.status_code == 401:
-                tokens = await svc.tokens.refresh(account.id, account.tokens_version)
-                headers = account_headers(tokens.access_token, account.chatgpt_account_id)
-                response = await svc.http.get(url, headers=headers)
+            response = await svc.tokens.get_as(account, url)
         except (ReauthRequired, RefreshFailed, httpx.HTTPError):
             continue  # try the next account
         if response.status_code == 401 or response.status_code >= 500:
