@@ -10,7 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -165,3 +166,23 @@ def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:  # ty
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+@contextmanager
+def serve_cluster(
+    env: Mapping[str, str],
+    log_dir: Path,
+    count: int = 3,
+    stop: Callable[[ServeProcess], object] = lambda p: p.terminate(timeout=20),
+) -> Iterator[list[ServeProcess]]:
+    """``count`` ready ``serve`` processes of one deployment; always stopped afterwards."""
+    procs: list[ServeProcess] = []
+    try:
+        for _ in range(count):
+            procs.append(ServeProcess(env, log_dir=log_dir))
+        for proc in procs:
+            proc.wait_ready()
+        yield procs
+    finally:
+        for proc in procs:
+            stop(proc)

@@ -313,6 +313,16 @@ async def test_cookie_secure_flag(
         assert {"httponly", "samesite=strict", "path=/"} <= set(attrs)
 
 
+async def logged_bootstrap_token(caplog: pytest.LogCaptureFixture) -> str | None:
+    """The token the process that generated it logged at WARNING (waits up to 2 s)."""
+    for _ in range(200):
+        for record in caplog.records:
+            if "bootstrap token is" in record.getMessage():
+                return record.getMessage().rsplit(" ", 1)[1]
+        await asyncio.sleep(0.01)
+    return None
+
+
 async def test_generated_bootstrap_token_is_logged_and_works(
     redis_url: str,
     prefix: str,
@@ -322,15 +332,7 @@ async def test_generated_bootstrap_token_is_logged_and_works(
 ) -> None:
     caplog.set_level(logging.WARNING)
     async with app_with(redis_url, prefix, tmp_path, bootstrap_token=None) as h:
-        token = None
-        for _ in range(200):
-            found = [
-                r.getMessage() for r in caplog.records if "bootstrap token is" in r.getMessage()
-            ]
-            if found:
-                token = found[0].rsplit(" ", 1)[1]
-                break
-            await asyncio.sleep(0.01)
+        token = await logged_bootstrap_token(caplog)
         assert token, "the generated bootstrap token was not logged at WARNING"
         assert raw_redis.exists(f"{prefix}auth:bootstrap")
         assert token.encode() not in raw_redis.get(f"{prefix}auth:bootstrap")  # type: ignore[operator]
@@ -947,15 +949,7 @@ async def test_secrets_are_not_stored_in_clear(
     caplog.set_level(logging.WARNING)
     # A generated bootstrap token (the env token is never stored at all).
     async with app_with(redis_url, prefix, tmp_path, bootstrap_token=None) as h:
-        bootstrap = None
-        for _ in range(200):
-            found = [
-                r.getMessage() for r in caplog.records if "bootstrap token is" in r.getMessage()
-            ]
-            if found:
-                bootstrap = found[0].rsplit(" ", 1)[1]
-                break
-            await asyncio.sleep(0.01)
+        bootstrap = await logged_bootstrap_token(caplog)
         assert bootstrap
         assert_not_stored(everything_stored(raw_redis, prefix), {"bootstrap token": bootstrap})
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import redis
 
-from tests.support import BOOTSTRAP_TOKEN, PASSWORD, ServeProcess, base_env
+from tests.support import BOOTSTRAP_TOKEN, PASSWORD, ServeProcess, base_env, serve_cluster
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,17 +35,8 @@ POLL_SECONDS = 0.005
 def cluster(
     redis_url: str, prefix: str, raw_redis: redis.Redis, tmp_path: Path
 ) -> Iterator[list[ServeProcess]]:
-    env = base_env(redis_url, prefix, tmp_path)
-    procs: list[ServeProcess] = []
-    try:
-        for _ in range(3):
-            procs.append(ServeProcess(env, log_dir=tmp_path))
-        for proc in procs:
-            proc.wait_ready()
+    with serve_cluster(base_env(redis_url, prefix, tmp_path), tmp_path) as procs:
         yield procs
-    finally:
-        for proc in procs:
-            proc.terminate(timeout=20)
 
 
 def call(

@@ -35,6 +35,7 @@ from tests.support import (
     ServeProcess,
     base_env,
     free_port,
+    serve_cluster,
     wait_until,
 )
 
@@ -174,16 +175,8 @@ def env(redis_url: str, prefix: str, raw_redis: redis.Redis, tmp_path: Path) -> 
 @pytest.fixture
 def cluster(env: dict[str, str], tmp_path: Path) -> Iterator[list[ServeProcess]]:
     """Three single-process ``serve`` instances of one deployment (same Redis, prefix, key)."""
-    procs: list[ServeProcess] = []
-    try:
-        for _ in range(3):
-            procs.append(ServeProcess(env, log_dir=tmp_path))
-        for proc in procs:
-            proc.wait_ready()
+    with serve_cluster(env, tmp_path, stop=terminate_tree) as procs:
         yield procs
-    finally:
-        for proc in procs:
-            terminate_tree(proc)
 
 
 def all_registered(cluster: list[ServeProcess], token: str) -> list[dict[str, Any]]:
