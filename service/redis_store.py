@@ -19,9 +19,10 @@ from typing import Any, TypeVar
 import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from service.errors import StoreUnavailable
 from service.records import HistoryEntry, SessionRecord, SettingsRecord, WorkerRecord
@@ -133,12 +134,19 @@ return 1
 
 
 def connect(url: str) -> aioredis.Redis:
-    """A client that fails fast: a dead Redis must turn into a quick 503, not a hang."""
+    """A client that fails fast: a dead Redis must turn into a quick 503, not a hang.
+
+    It retries a command once, at once, on a fresh connection after a connection error: after
+    Redis restarts every pooled connection is dead without knowing it, and that retry turns each
+    into a reconnect instead of a failed request. Not after a timeout, when the command may
+    have run. (It must be the asyncio ``Retry``: the sync one wraps the coroutine's creation,
+    not its execution, and never retries.)
+    """
     return aioredis.Redis.from_url(
         url,
         socket_connect_timeout=1.0,
         socket_timeout=2.0,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         health_check_interval=15,
     )
 

@@ -300,6 +300,20 @@ async def test_an_older_record_put_back_is_overwritten_with_the_newer_one(
 # --- Redis down and back --------------------------------------------------------------------
 
 
+async def test_requests_right_after_a_redis_restart_reconnect(server: RedisServer) -> None:
+    """Every pooled connection dies with a restart; the first use of each must reconnect, not
+    fail the request."""
+    store = Store(connect(server.url), PREFIX)
+    try:
+        await asyncio.gather(*(store.ping() for _ in range(5)))  # five pooled connections
+        server.kill()
+        server.start()
+        results = await asyncio.gather(*(store.auth_fields() for _ in range(5)))
+        assert results == [{}] * 5
+    finally:
+        await store.close()
+
+
 async def test_redis_down_serves_last_known_good_then_recovers(
     server: RedisServer, raw: redis.Redis, tmp_path: Path
 ) -> None:
