@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from service.redis_store import ScriptArg, Store
+from service.redis_store import ScriptArg, Store, text
 
 # KEYS: index set, version key. ARGV: account key prefix, overwrite ('1'|'0'), channel, now,
 # then five per account: id, chatgpt_account_id, email, plan_type, sealed tokens.
@@ -176,7 +176,7 @@ class AccountStore:
                 return result
 
         rows = await self.store.call(op)
-        return [{_s(k): _s(v) for k, v in row.items()} for row in rows if row]
+        return [{text(k): text(v) for k, v in row.items()} for row in rows if row]
 
     async def get(self, account_id: str) -> Fields | None:
         flat = await self.store.call(
@@ -184,8 +184,4 @@ class AccountStore:
         )
         if not flat:
             return None
-        return {_s(k): _s(v) for k, v in flat.items()}
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+        return {text(k): text(v) for k, v in flat.items()}

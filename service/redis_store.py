@@ -284,7 +284,7 @@ class Store:
 
     async def auth_fields(self) -> dict[str, bytes]:
         raw = await self.call(lambda: self.client.hgetall(self.auth_key))
-        return {_text(k): _bytes(v) for k, v in raw.items()}
+        return {text(k): _bytes(v) for k, v in raw.items()}
 
     async def set_auth_field(self, name: str, value: bytes) -> None:
         await self.call(lambda: self.client.hset(self.auth_key, name, value))
@@ -353,13 +353,19 @@ class Store:
         keys, args = [self.lease_key(name)], [owner, "0"]
         await self.call(lambda: self._lease_owned(keys=keys, args=args))
 
-    async def lease_held(self, name: str) -> bool:
-        return bool(await self.call(lambda: self.client.exists(self.lease_key(name))))
-
     # --- sessions -------------------------------------------------------------------------------
 
     async def create_session(self, token_hash: str, record: SessionRecord, ttl: float) -> None:
+        """Store a session; the index drops sessions that expired on their own meanwhile, so it
+        never grows past the sessions that are alive."""
+
         async def op() -> None:
+            members = list(await self.client.smembers(self.sessions_key))
+            if members:
+                alive = await self.client.mget([self.session_prefix + text(m) for m in members])
+                dead = [m for m, v in zip(members, alive, strict=True) if v is None]
+                if dead:
+                    await self.client.srem(self.sessions_key, *dead)
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.set(self.session_prefix + token_hash, _encode(record), px=int(ttl * 1000))
                 pipe.sadd(self.sessions_key, token_hash)
@@ -388,20 +394,6 @@ class Store:
         n = await self.call(lambda: self._sessions_revoke(keys=[self.sessions_key], args=args))
         return int(n)
 
-    async def prune_session_index(self) -> None:
-        """Drop index entries whose session already expired on its own."""
-
-        async def op() -> None:
-            members = list(await self.client.smembers(self.sessions_key))
-            if not members:
-                return
-            exists = await self.client.mget([self.session_prefix + _text(m) for m in members])
-            dead = [m for m, v in zip(members, exists, strict=True) if v is None]
-            if dead:
-                await self.client.srem(self.sessions_key, *dead)
-
-        await self.call(op)
-
 
 @asynccontextmanager
 async def open_store(url: str, prefix: str) -> AsyncIterator[Store]:
@@ -412,7 +404,7 @@ async def open_store(url: str, prefix: str) -> AsyncIterator[Store]:
         await store.close()
 
 
-def _text(value: bytes | str) -> str:
+def text(value: bytes | str) -> str:
     # The client is made without decode_responses, so replies are bytes; the stubs allow str.
     return value.decode() if isinstance(value, bytes) else value
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
@@ -186,3 +187,36 @@ def serve_cluster(
     finally:
         for proc in procs:
             stop(proc)
+
+
+def stored_under(client: redis.Redis, prefix: str) -> dict[bytes, list[bytes]]:
+    """Every key under ``prefix`` with all the bytes it holds, whatever its type."""
+    out: dict[bytes, list[bytes]] = {}
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        kind = client.type(key)
+        values: list[Any]
+        if kind == b"string":
+            values = [client.get(key) or b""]
+        elif kind == b"hash":
+            values = [b for kv in client.hgetall(key).items() for b in kv]
+        elif kind == b"list":
+            values = list(client.lrange(key, 0, -1))
+        elif kind == b"set":
+            values = list(client.smembers(key))
+        elif kind == b"zset":
+            members: list[Any] = client.zrange(key, 0, -1, withscores=True)
+            values = [m for m, _ in members]
+        elif kind == b"stream":
+            entries: list[Any] = client.xrange(key)  # type: ignore[assignment]
+            values = [b for _, fields in entries for kv in fields.items() for b in kv]
+        else:
+            raise AssertionError(f"unexpected key type {kind!r} for {key!r}")
+        out[key] = values
+    return out
+
+
+def stored_blob(client: redis.Redis, prefix: str) -> bytes:
+    """``stored_under`` as one byte string, for "is this secret anywhere?" checks."""
+    return b"\n".join(
+        b for key, values in stored_under(client, prefix).items() for b in [key, *values]
+    )

@@ -26,7 +26,7 @@ from service.records import rfc3339
 from service.secret_box import KEY_FILE_NAME, SecretBox, load_key
 from tests.conftest import AppHarness, make_config, setup_password
 from tests.factories import AUTH_CLAIM, auth_json, jwt
-from tests.support import ENCRYPTION_KEY, PASSWORD, ServeProcess, base_env
+from tests.support import ENCRYPTION_KEY, PASSWORD, ServeProcess, base_env, stored_blob
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -109,28 +109,7 @@ def prefix_keys(raw: redis.Redis, prefix: str) -> set[bytes]:
     return set(raw.scan_iter(match=f"{prefix}*", count=1000))
 
 
-def dump(raw: redis.Redis, prefix: str) -> bytes:
-    """Every key and value under the prefix, whatever its type."""
-    chunks: list[bytes] = []
-    for key in prefix_keys(raw, prefix):
-        chunks.append(key)
-        kind = raw.type(key)
-        if kind == b"string":
-            chunks.append(raw.get(key) or b"")
-        elif kind == b"hash":
-            for k, v in raw.hgetall(key).items():
-                chunks += [k, v]
-        elif kind == b"set":
-            chunks += list(raw.smembers(key))
-        elif kind == b"list":
-            chunks += list(raw.lrange(key, 0, -1))
-        elif kind == b"zset":
-            chunks += [m for m, _ in raw.zrange(key, 0, -1, withscores=True)]
-        elif kind == b"stream":
-            for _id, fields in raw.xrange(key):
-                for k, v in fields.items():
-                    chunks += [k, v]
-    return b"\n".join(chunks)
+dump = stored_blob
 
 
 def account_hash(raw: redis.Redis, prefix: str, account_id: str) -> dict[bytes, bytes]:

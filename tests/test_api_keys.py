@@ -28,7 +28,7 @@ from service.app import create_app
 from service.config import DEFAULT_UPSTREAM_BASE_URL, Config
 from tests.conftest import AppHarness, make_config, setup_password
 from tests.factories import auth_json
-from tests.support import RedisServer, free_port
+from tests.support import RedisServer, free_port, stored_under
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -125,28 +125,7 @@ def assert_validation(r: httpx.Response, path: str) -> None:
     assert path in body["error"]["message"], body
 
 
-def scan_prefix(client: redis.Redis, prefix: str) -> dict[bytes, list[bytes]]:
-    """Every key under ``prefix`` with all the bytes it holds, whatever its type."""
-    out: dict[bytes, list[bytes]] = {}
-    for key in client.scan_iter(match=f"{prefix}*", count=1000):
-        kind = client.type(key).decode()
-        values: list[bytes]
-        if kind == "string":
-            values = [client.get(key) or b""]
-        elif kind == "hash":
-            values = [b for kv in client.hgetall(key).items() for b in kv]
-        elif kind == "list":
-            values = list(client.lrange(key, 0, -1))
-        elif kind == "set":
-            values = list(client.smembers(key))
-        elif kind == "zset":
-            values = [m for m, _ in client.zrange(key, 0, -1, withscores=True)]
-        elif kind == "stream":
-            values = [b for _, fields in client.xrange(key) for kv in fields.items() for b in kv]
-        else:
-            values = []
-        out[key] = values
-    return out
+scan_prefix = stored_under
 
 
 def apikey_state(raw_redis: redis.Redis, prefix: str) -> tuple[Any, Any]:

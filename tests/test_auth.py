@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from tests.conftest import AppHarness, make_config, setup_password
-from tests.support import BOOTSTRAP_TOKEN, PASSWORD
+from tests.support import BOOTSTRAP_TOKEN, PASSWORD, stored_blob
 
 AUTH = "/api/dashboard-auth"
 COOKIE = "dashboard_session"
@@ -478,6 +478,21 @@ async def test_idle_timeout(
         assert not session_exists(raw_redis, prefix, token)
 
 
+async def test_session_index_keeps_only_live_sessions(
+    redis_url: str, prefix: str, tmp_path: Path, raw_redis: redis.Redis
+) -> None:
+    """Sessions that expire on their own leave the index at the next login (it never grows)."""
+    async with app_with(redis_url, prefix, tmp_path, session_idle_seconds=1) as h:
+        first = cookie_value(await setup_password(h.client))
+        await asyncio.sleep(1.5)
+        assert not session_exists(raw_redis, prefix, first)
+        h.client.cookies.clear()  # a login from elsewhere: nothing ends the old session for it
+        r = await h.client.post(f"{AUTH}/password/login", json={"password": PASSWORD})
+        assert r.status_code == 200
+        second = cookie_value(r)
+        assert raw_redis.smembers(f"{prefix}sessions") == {token_hash(second).encode()}
+
+
 async def test_absolute_lifetime(
     redis_url: str, prefix: str, tmp_path: Path, raw_redis: redis.Redis
 ) -> None:
@@ -903,33 +918,10 @@ async def test_api_responses_are_no_store(harness: AppHarness) -> None:
 
 
 def everything_stored(raw_redis: redis.Redis, prefix: str) -> bytes:
-    """Every key under the prefix and every value it holds, concatenated."""
-    blob: list[bytes] = []
-    keys = list(raw_redis.scan_iter(match=f"{prefix}*", count=1000))
-    assert keys
-    for key in keys:
-        blob.append(key)
-        kind = raw_redis.type(key)
-        if kind == b"string":
-            blob.append(raw_redis.get(key) or b"")
-        elif kind == b"hash":
-            for field, value in raw_redis.hgetall(key).items():
-                blob += [field, value]
-        elif kind == b"set":
-            blob += list(raw_redis.smembers(key))
-        elif kind == b"list":
-            blob += list(raw_redis.lrange(key, 0, -1))
-        elif kind == b"zset":
-            for member, score in raw_redis.zrange(key, 0, -1, withscores=True):
-                blob += [member, str(score).encode()]
-        elif kind == b"stream":
-            for entry_id, fields in raw_redis.xrange(key):
-                blob.append(entry_id)
-                for field, value in fields.items():
-                    blob += [field, value]
-        else:
-            raise AssertionError(f"unexpected key type {kind!r} for {key!r}")
-    return b"\n".join(blob)
+    """Every key under the prefix and every value it holds (and there is something stored)."""
+    blob = stored_blob(raw_redis, prefix)
+    assert blob
+    return blob
 
 
 def assert_not_stored(blob: bytes, secrets: dict[str, str]) -> None:

@@ -9,8 +9,6 @@ import msgspec
 from service.live_collection import Change, VersionedCopy
 from service.redis_accounts import AccountStore, Fields, message_decoder
 
-STATUSES = ("active", "paused", "rate_limited", "quota_exceeded", "reauth_required")
-
 
 class Usage(msgspec.Struct, kw_only=True, frozen=True):
     """The two upstream windows as last polled (tolerant: stored JSON may be older or newer)."""
