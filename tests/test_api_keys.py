@@ -686,24 +686,98 @@ async def test_key_auth_off_unauthenticated_cidrs(config: Config, tmp_path: Path
             assert_invalid_key(await listed.get(MODELS))
 
 
+def nets(*cidrs: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(c) for c in cidrs)
+
+
 async def test_key_auth_off_trusted_proxy_forwarded_client(config: Config, tmp_path: Path) -> None:
+    cfg = make_config(
+        config.redis_url, config.redis_prefix, tmp_path, trusted_proxy_cidrs=nets("10.9.0.0/16")
+    )
+    async with AppHarness(cfg) as h, peer_client(h, "10.9.0.2") as proxy:
+        # A forwarded address never counts as loopback: not the client's own claim, and not
+        # the proxy's (a local tunnel would make every client of it local).
+        for forwarded in (
+            "127.0.0.1",
+            "::1",
+            "::ffff:127.0.0.1",
+            "127.0.0.1, 10.9.0.3",
+            "203.0.113.4",
+            "127.0.0.1, 203.0.113.4",
+        ):
+            assert_invalid_key(await proxy.get(MODELS, headers={"X-Forwarded-For": forwarded}))
+        # The proxy itself is not loopback, and without a forwarded address there is no client.
+        assert_invalid_key(await proxy.get(MODELS))
+        assert_invalid_key(await proxy.get(MODELS, headers={"X-Forwarded-For": "not-an-ip"}))
+
+
+@pytest.mark.parametrize("proxy_host", ["127.0.0.1", "::1", "::ffff:127.0.0.1"])
+async def test_key_auth_off_local_reverse_proxy_is_not_a_local_client(
+    config: Config, tmp_path: Path, proxy_host: str
+) -> None:
+    """nginx on this machine, listed as trusted as the README advises: every request it forwards
+    arrives from loopback, and none of them may pass as local."""
     cfg = make_config(
         config.redis_url,
         config.redis_prefix,
         tmp_path,
-        trusted_proxy_cidrs=(ipaddress.ip_network("10.9.0.0/16"),),
+        trusted_proxy_cidrs=nets("127.0.0.1/32", "::1/128"),
     )
-    async with AppHarness(cfg) as h, peer_client(h, "10.9.0.2") as proxy:
-        # The proxy forwards a loopback client (e.g. a local tunnel): admitted.
-        r = await proxy.get(MODELS, headers={"X-Forwarded-For": "127.0.0.1"})
-        assert_admitted_no_accounts(r)
-        r = await proxy.get(MODELS, headers={"X-Forwarded-For": "127.0.0.1, 10.9.0.3"})
-        assert_admitted_no_accounts(r)
-        # A remote client, or one that put a fake loopback hop in front of its own address.
-        for forwarded in ("203.0.113.4", "127.0.0.1, 203.0.113.4"):
-            assert_invalid_key(await proxy.get(MODELS, headers={"X-Forwarded-For": forwarded}))
-        # The proxy itself is not loopback.
-        assert_invalid_key(await proxy.get(MODELS))
+    async with AppHarness(cfg) as h, peer_client(h, proxy_host) as nginx:
+        assert_invalid_key(await nginx.get(MODELS))  # forwarded without X-Forwarded-For
+        for forwarded in ("127.0.0.1", "::1", "::ffff:127.0.0.1", "203.0.113.4", ""):
+            r = await nginx.get(MODELS, headers={"X-Forwarded-For": forwarded})
+            assert_invalid_key(r)
+        for path in GATED_POSTS:
+            assert_invalid_key(await nginx.post(path, json={}))
+
+
+async def test_key_auth_off_pod_cannot_claim_loopback_through_a_cluster_range(
+    config: Config, tmp_path: Path
+) -> None:
+    cfg = make_config(
+        config.redis_url, config.redis_prefix, tmp_path, trusted_proxy_cidrs=nets("10.0.0.0/8")
+    )
+    async with AppHarness(cfg) as h, peer_client(h, "10.4.5.6") as pod:
+        for forwarded in ("127.0.0.1", "::1", "10.0.0.1"):
+            assert_invalid_key(await pod.get(MODELS, headers={"X-Forwarded-For": forwarded}))
+        assert_invalid_key(await pod.get(MODELS))
+
+
+async def test_key_auth_off_unauthenticated_cidrs_through_a_trusted_proxy(
+    config: Config, tmp_path: Path
+) -> None:
+    cfg = make_config(
+        config.redis_url,
+        config.redis_prefix,
+        tmp_path,
+        trusted_proxy_cidrs=nets("127.0.0.1/32"),
+        proxy_unauthenticated_client_cidrs=nets("192.168.0.0/16"),
+    )
+    async with AppHarness(cfg) as h, peer_client(h, "127.0.0.1") as nginx:
+        for forwarded in ("192.168.1.5", "::ffff:192.168.1.5", "203.0.113.9, 192.168.1.5"):
+            r = await nginx.get(MODELS, headers={"X-Forwarded-For": forwarded})
+            assert_admitted_no_accounts(r)
+        # The rightmost untrusted hop decides; a listed address to its left is a client's claim.
+        r = await nginx.get(MODELS, headers={"X-Forwarded-For": "192.168.1.5, 203.0.113.9"})
+        assert_invalid_key(r)
+
+
+async def test_key_auth_off_ipv4_mapped_peers_compare_as_ipv4(
+    config: Config, tmp_path: Path
+) -> None:
+    cfg = make_config(
+        config.redis_url,
+        config.redis_prefix,
+        tmp_path,
+        proxy_unauthenticated_client_cidrs=nets("10.0.0.0/8"),
+    )
+    async with AppHarness(cfg) as h:
+        for host in ("::ffff:127.0.0.1", "::ffff:10.1.2.3"):
+            async with peer_client(h, host) as allowed:
+                assert_admitted_no_accounts(await allowed.get(MODELS))
+        async with peer_client(h, "::ffff:203.0.113.9") as remote:
+            assert_invalid_key(await remote.get(MODELS))
 
 
 # --- a process that has not loaded its settings ---------------------------------------------------

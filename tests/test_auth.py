@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ import pyotp
 import pytest
 import redis
 
+from service.config import Config
 from tests.conftest import AppHarness, make_config, setup_password
 from tests.support import BOOTSTRAP_TOKEN, PASSWORD, stored_blob
 
@@ -60,9 +62,12 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def new_client(h: AppHarness, base_url: str = "http://testserver") -> httpx.AsyncClient:
+def new_client(
+    h: AppHarness, base_url: str = "http://testserver", client: tuple[str, int] = ("127.0.0.1", 123)
+) -> httpx.AsyncClient:
     """Another browser against the same app: its own cookie jar."""
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=h.app), base_url=base_url)
+    transport = httpx.ASGITransport(app=h.app, client=client)
+    return httpx.AsyncClient(transport=transport, base_url=base_url)
 
 
 async def as_token(
@@ -778,6 +783,54 @@ async def test_forwarded_for_from_untrusted_peer_does_not_dodge_the_limit(
             headers={"X-Forwarded-For": "198.51.100.7"},
         )
         assert_error(r, 429, "rate_limited")
+
+
+async def test_trusted_proxy_without_forwarded_address_gets_no_guess(
+    config: Config, tmp_path: Path, raw_redis: redis.Redis, prefix: str
+) -> None:
+    """Behind a trusted proxy that sends no X-Forwarded-For the caller is unknown: one shared
+    bucket would let anyone lock everybody out, so no credential is even checked."""
+    cfg = make_config(
+        config.redis_url,
+        config.redis_prefix,
+        tmp_path,
+        trusted_proxy_cidrs=(ipaddress.ip_network("127.0.0.1/32"),),
+    )
+    async with AppHarness(cfg) as h:
+        async with new_client(h, client=("10.0.0.7", 5000)) as direct:
+            await setup_password(direct)
+        async with new_client(h, client=("127.0.0.1", 5000)) as nginx:
+            for password in ("wrong password!", PASSWORD):
+                for forwarded in (None, "", "garbage"):
+                    headers = {} if forwarded is None else {"X-Forwarded-For": forwarded}
+                    r = await nginx.post(
+                        f"{AUTH}/password/login", json={"password": password}, headers=headers
+                    )
+                    assert_error(r, 401, "invalid_credentials")
+                    assert "X-Forwarded-For" in r.json()["error"]["message"]
+            counted = [raw_redis.get(k) for k in raw_redis.scan_iter(match=f"{prefix}failed:*")]
+            assert all(c == b"0" for c in counted), counted  # no bucket was touched
+            # A forwarded client has a bucket of its own, keyed by its address.
+            for _ in range(10):
+                r = await nginx.post(
+                    f"{AUTH}/password/login",
+                    json={"password": "wrong password!"},
+                    headers={"X-Forwarded-For": "::ffff:198.51.100.7"},
+                )
+                assert_error(r, 401, "invalid_credentials")
+            r = await nginx.post(
+                f"{AUTH}/password/login",
+                json={"password": PASSWORD},
+                headers={"X-Forwarded-For": "198.51.100.7"},
+            )
+            assert_error(r, 429, "rate_limited")
+            assert int(raw_redis.get(f"{prefix}failed:ip:198.51.100.7")) == 10  # type: ignore[arg-type]
+            r = await nginx.post(
+                f"{AUTH}/password/login",
+                json={"password": PASSWORD},
+                headers={"X-Forwarded-For": "198.51.100.8"},
+            )
+            assert r.status_code == 200, r.text
 
 
 async def test_successful_logins_do_not_count(harness: AppHarness) -> None:

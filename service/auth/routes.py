@@ -13,7 +13,7 @@ from starlette.responses import Response
 from service.auth import sessions, totp
 from service.auth.attempts import checked
 from service.auth.credentials import Credentials
-from service.clients import client_ip
+from service.clients import Address, client_address
 from service.errors import (
     InvalidBootstrapToken,
     InvalidCredentials,
@@ -84,8 +84,8 @@ async def _login_response(request: Request, *, totp_pending: bool) -> Response:
     return response
 
 
-def _ip(request: Request) -> str:
-    return client_ip(request, services(request).config.trusted_proxy_cidrs)
+def _ip(request: Request) -> Address | None:
+    return client_address(request, services(request).config.trusted_proxy_cidrs)
 
 
 async def get_session(request: Request) -> Response:

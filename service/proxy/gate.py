@@ -2,19 +2,19 @@
 
 Decided from this process's live copies only (settings and keys): no Redis round trip per
 request. With ``api_key_auth_enabled`` on, a live key is required. With it off, keyless use is
-allowed from loopback and ``CODEX_LB_PROXY_UNAUTHENTICATED_CLIENT_CIDRS`` only (a valid key is
-accepted from anywhere). A process that has not loaded its settings, or the keys when they are
-needed, serves no proxy traffic at all.
+allowed only to a socket peer on this machine that is not a trusted proxy, or to a client address
+in ``CODEX_LB_PROXY_UNAUTHENTICATED_CLIENT_CIDRS`` (a valid key is accepted from anywhere). A
+forwarded address never counts as loopback: a reverse proxy on this machine would otherwise make
+every client of it look local (CONTRACT §7). A process that has not loaded its settings, or the
+keys when they are needed, serves no proxy traffic at all.
 """
 
 from __future__ import annotations
 
-import ipaddress
-
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.clients import client_ip
+from service.clients import client_address, direct_loopback, within
 from service.errors import InvalidApiKey, NotReady, ServiceError, openai_error_response
 from service.state import Services
 
@@ -46,11 +46,11 @@ def admit(svc: Services, conn: HTTPConnection) -> None:
         return
     if key is not None and svc.api_keys.check_key(key) is not None:
         return
-    try:
-        ip = ipaddress.ip_address(client_ip(conn, svc.config.trusted_proxy_cidrs))
-    except ValueError:
-        raise InvalidApiKey(KEYLESS_REFUSED) from None
-    if ip.is_loopback or any(ip in net for net in svc.config.proxy_unauthenticated_client_cidrs):
+    trusted = svc.config.trusted_proxy_cidrs
+    if direct_loopback(conn, trusted):
+        return
+    ip = client_address(conn, trusted)
+    if ip is not None and within(ip, svc.config.proxy_unauthenticated_client_cidrs):
         return
     raise InvalidApiKey(KEYLESS_REFUSED)
 
