@@ -62,31 +62,41 @@ def _redis(config: Config) -> Iterator[Config]:
 
 
 async def _prepare(config: Config) -> str | None:
-    """Check the key against the deployment, set up first-run state; the bootstrap token if
-    one is still needed."""
+    """Check the key against the deployment and set up first-run state; what to tell the
+    operator about the dashboard password, if it is not set yet. Never the token itself: a
+    generated one was logged once by ``ensure_bootstrap_token``, and one from the environment
+    is never printed (it would land in every pod's log)."""
     assert config.redis_url
     box = SecretBox(load_key(config))
     async with open_store(config.redis_url, config.redis_prefix) as store:
         creds = Credentials(store, box, config.bootstrap_token)
         await creds.check_key_fingerprint()
-        await LiveSettings(store, reconcile_seconds=1.0).sync()
         if await creds.password_configured():
             return None
-        await creds.ensure_bootstrap_token()
-        return await creds.bootstrap_token()
+        if await creds.ensure_bootstrap_token():
+            return "set the dashboard password with the bootstrap token logged above"
+        if config.bootstrap_token:
+            return (
+                "set the dashboard password with the bootstrap token from "
+                "CODEX_LB_DASHBOARD_BOOTSTRAP_TOKEN"
+            )
+        return (
+            "the dashboard password is not set; `codex-lb admin bootstrap-token` prints the "
+            "bootstrap token"
+        )
 
 
 def _serve(config: Config, args: argparse.Namespace) -> int:
     from service.server import serve
 
     try:
-        token = asyncio.run(_prepare(config))
+        first_run = asyncio.run(_prepare(config))
     except ServiceError:
         log.warning("Redis is not reachable yet; starting anyway (not ready until it is)")
-        token = None
+        first_run = None
     print(f"codex-lb {__version__} listening on http://{args.host}:{args.port}", flush=True)
-    if token:
-        print(f"First run: set the dashboard password with bootstrap token {token}", flush=True)
+    if first_run:
+        print(f"First run: {first_run}", flush=True)
     return serve(args.host, args.port, max(1, args.workers))
 
 
@@ -113,6 +123,13 @@ async def _admin(config: Config, action: str) -> int:
             if await creds.password_configured():
                 print("no bootstrap token: the dashboard password is already set", file=sys.stderr)
                 return 1
+            if config.bootstrap_token:
+                # The operator supplied it, so they have it; it is never printed (§3).
+                print(
+                    "the bootstrap token is the one set in CODEX_LB_DASHBOARD_BOOTSTRAP_TOKEN",
+                    file=sys.stderr,
+                )
+                return 0
             await creds.ensure_bootstrap_token()
             token = await creds.bootstrap_token()
             if token is None:

@@ -182,9 +182,11 @@ async def test_reset_totp(
 async def test_bootstrap_token_from_env(
     client: httpx.AsyncClient, redis_url: str, prefix: str, tmp_path: Path
 ) -> None:
+    # The operator supplied it: it is never printed (CONTRACT §3), only where it comes from.
     result = await run_admin(redis_url, prefix, tmp_path, "bootstrap-token")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == BOOTSTRAP_TOKEN
+    assert BOOTSTRAP_TOKEN not in result.stdout + result.stderr
+    assert "CODEX_LB_DASHBOARD_BOOTSTRAP_TOKEN" in result.stderr
 
     await setup_password(client)
     result = await run_admin(redis_url, prefix, tmp_path, "bootstrap-token")

@@ -62,16 +62,20 @@ class Credentials:
 
     # --- first-run bootstrap token ------------------------------------------------------------
 
-    async def ensure_bootstrap_token(self) -> None:
+    async def ensure_bootstrap_token(self) -> bool:
         """Until a password exists, make sure the deployment has one bootstrap token.
 
-        Generated once for the whole deployment (SET NX); the process that made it logs it.
+        Generated once for the whole deployment (SET NX); only the process that made it logs
+        it, once. An operator-supplied token is never printed or logged (CONTRACT §3). True if
+        this call generated the token.
         """
         if self.env_bootstrap_token or await self.password_configured():
-            return
+            return False
         token = secrets.token_urlsafe(24)
-        if await self.store.set(self.store.bootstrap_key, self.box.seal(token), nx=True):
-            log.warning("first run: dashboard bootstrap token is %s", token)
+        if not await self.store.set(self.store.bootstrap_key, self.box.seal(token), nx=True):
+            return False
+        log.warning("first run: dashboard bootstrap token is %s", token)
+        return True
 
     async def bootstrap_token(self) -> str | None:
         if self.env_bootstrap_token:
