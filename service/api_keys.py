@@ -12,7 +12,6 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -23,9 +22,9 @@ from starlette.responses import Response
 
 from service.errors import NotFound, ValidationFailed
 from service.http import drain_empty_body, json_response, read_json
-from service.live_collection import Change, VersionedCopy
+from service.live_collection import Change, Snapshot, VersionedCopy
 from service.records import rfc3339
-from service.redis_apikeys import ApiKeyRecord, ApiKeyStore, message_decoder
+from service.redis_apikeys import ApiKeyRecord, ApiKeyStore, decode_record, message_decoder
 from service.routing import Endpoint
 from service.schemas import Request as RequestBody
 from service.schemas import Response as ResponseBody
@@ -106,25 +105,28 @@ class LiveApiKeys(VersionedCopy):
         if old is not None:
             self._by_hash.pop(old, None)
 
-    async def _snapshot(self) -> tuple[int, Callable[[], None]]:
-        version, records = await self.store.snapshot()
+    async def _snapshot(self) -> Snapshot:
+        stored = await self.store.snapshot()
+        records = [r for k, v in stored.records.items() if (r := decode_record(k, v)) is not None]
 
         def install() -> None:
             self._by_hash, self._hash_of = {}, {}
             for record in records:
                 self._put(record)
 
-        return version, install
+        return Snapshot(stored.epoch, stored.version, install)
 
-    async def _stored_version(self) -> int:
+    async def _stored_version(self) -> tuple[str, int]:
         return await self.store.version()
 
     def _change(self, data: bytes) -> Change:
         message = message_decoder.decode(data)
-        if message.record is None:
-            return Change(message.version, lambda: self._drop(message.id))
-        record = message.record
-        return Change(message.version, lambda: self._put(record))
+        key_id = message.id
+        record = decode_record(key_id, message.record)
+        if record is None:
+            # Deleted, or a record we cannot read: either way the key must not work here.
+            return Change(message.epoch, message.version, lambda: self._drop(key_id))
+        return Change(message.epoch, message.version, lambda: self._put(record))
 
 
 def _view(record: ApiKeyRecord) -> ApiKeyView:
@@ -164,6 +166,7 @@ async def create_key(store: ApiKeyStore, body: ApiKeyCreate) -> ApiKeyCreated:
         key_prefix=key[: len(KEY_PREFIX) + 4],
         created_at=rfc3339(time.time()),
         expires_at=expires_at,
+        is_active=True,
     )
     await store.create(record)
     view = _view(record)
@@ -186,7 +189,7 @@ async def post_key(request: Request) -> Response:
 
 
 async def list_keys(request: Request) -> Response:
-    _, records = await _store(request).snapshot()
+    records = await _store(request).records()
     records.sort(key=lambda r: (r.created_at, r.id))
     return json_response(ApiKeyList(api_keys=[_view(r) for r in records]))
 

@@ -23,6 +23,7 @@ from service.live import LiveSettings
 from service.logs import configure
 from service.redis_store import open_store
 from service.secret_box import KeyError_, SecretBox, load_key
+from service.settings import reset_settings
 
 log = logging.getLogger("codex_lb")
 
@@ -46,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     actions.add_parser("reset-totp", help="remove TOTP and the login requirement")
     actions.add_parser("bootstrap-token", help="print the first-run bootstrap token, if any")
+    actions.add_parser(
+        "reset-settings",
+        help="write the default settings as a new version (the recovery when the settings "
+        "record was lost)",
+    )
     return parser
 
 
@@ -117,8 +123,17 @@ async def _admin(config: Config, action: str) -> int:
         elif action == "reset-totp":
             live = LiveSettings(store, reconcile_seconds=1.0)
             await live.sync()
+            if live.settings_lost:
+                print(
+                    "the settings record is lost: run `codex-lb admin reset-settings` first",
+                    file=sys.stderr,
+                )
+                return 1
             record = await creds.remove_totp(live)
             print(f"TOTP removed and not required (settings version {record.version})")
+        elif action == "reset-settings":
+            record = await reset_settings(store)
+            print(f"default settings written as version {record.version}")
         else:
             if await creds.password_configured():
                 print("no bootstrap token: the dashboard password is already set", file=sys.stderr)

@@ -13,6 +13,7 @@
     ├── ValidationFailed         422
     ├── RateLimited              429 (carries Retry-After)
     ├── StoreUnavailable         503
+    ├── StoreError               500 (Redis refused a command; the cause is logged)
     └── NotReady                 503
 
 Routes raise them; one handler table in ``app`` turns them into responses, so no handler
@@ -113,6 +114,11 @@ class RateLimited(ServiceError):
 
 class StoreUnavailable(ServiceError):
     status, code, message = 503, "store_unavailable", "Storage is unavailable; nothing was written"
+
+
+class StoreError(ServiceError):
+    """Redis refused a command (a script error, a key of the wrong type). Not a 503: Redis
+    does not roll back a failed script, so we cannot say that nothing was written."""
 
 
 class NoAccounts(ServiceError):

@@ -1,8 +1,9 @@
 """``/health/live`` and ``/health/ready``.
 
-Ready means: this process has a settings record to serve with. That stays true while Redis is
-down (last-known-good, reported as degraded); it is false before the first load and while the
-process drains for shutdown.
+Ready means: this process has a settings record to serve with, and every other live copy (API
+keys, accounts) has loaded once. That stays true while Redis is down (last-known-good, reported
+as degraded); it is false before the first load, while the settings record is lost (an operator
+must run ``codex-lb admin reset-settings``), and while the process drains for shutdown.
 """
 
 from __future__ import annotations
@@ -25,8 +26,13 @@ async def ready(request: Request) -> Response:
     record = svc.live.current
     redis = "ok" if svc.live.redis_ok else "unavailable"
     version = None if record is None else record.version
-    if record is None or svc.draining:
-        status = "draining" if svc.draining else "starting"
+    if not svc.live.ready or svc.draining:
+        if svc.draining:
+            status = "draining"
+        elif svc.live.settings_lost:
+            status = "settings_lost"
+        else:
+            status = "starting"
         return json_response(ReadyView(status=status, settings_version=version, redis=redis), 503)
     status = "ready" if svc.live.redis_ok else "degraded"
     return json_response(ReadyView(status=status, settings_version=version, redis=redis))

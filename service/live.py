@@ -7,11 +7,15 @@ Three background tasks keep the copy fresh and make this process visible:
   may have been lost while we were not subscribed, so it resyncs from the stored record.
 * reconciler: every ``reconcile_seconds`` compares the stored version with ours, as a safety
   net for a lost message, and puts the record back if Redis lost it (flush, restart without
-  persistence) instead of ever adopting defaults.
+  persistence) instead of ever adopting defaults. Defaults are written only for a brand-new
+  deployment; a process that finds the record gone while the deployment's other state is
+  still there, and knows no record itself, stays not ready and says so at CRITICAL.
 * heartbeat: registers this process with the version it applied, so the propagation view and
   ``PUT ?wait=true`` can see every live process; it also wakes right after each apply.
 
-While Redis is unreachable the copy stays as it was (last-known-good) and the tasks retry.
+While Redis is unreachable the copy stays as it was (last-known-good) and the tasks retry. The
+other live copies ride on the same listener and reconcile loop, each isolated from the others:
+one that fails (a malformed entry, a bug) is logged with its channel and never stops the rest.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ class LiveCopy(Protocol):
 
     channel: str
 
+    @property
+    def loaded(self) -> bool: ...
+
     async def sync(self) -> None: ...
 
     async def check(self) -> None: ...
@@ -75,6 +82,9 @@ class LiveSettings:
         self.on_first_contact: list[Callable[[], Awaitable[None]]] = []
         self._contacted = False
         self._contact_lock = asyncio.Lock()
+        self._sync_lock = asyncio.Lock()
+        # The record is gone while the deployment is not new: wait for an operator.
+        self.settings_lost = False
         self._copies: dict[str, LiveCopy] = {}
 
     def attach(self, copy: LiveCopy) -> None:
@@ -90,12 +100,18 @@ class LiveSettings:
             raise NotReady("Settings are not loaded yet")
         return record
 
+    @property
+    def ready(self) -> bool:
+        """Settings and every other live copy loaded at least once (CONTRACT §4)."""
+        return self.current is not None and all(c.loaded for c in self._copies.values())
+
     def apply(self, record: SettingsRecord) -> bool:
         """Adopt ``record`` if it is newer than ours. True if it was applied."""
         current = self.current
         if current is not None and record.version <= current.version:
             return False
         self.current = record
+        self.settings_lost = False
         self.applied_at = time.time()
         self._changed.set()
         log.debug("applied settings version %s", record.version)
@@ -128,26 +144,45 @@ class LiveSettings:
 
     async def sync(self) -> None:
         """Bring the copy and the stored record together, whichever side is behind."""
-        # Deployment checks (e.g. the encryption key) first: a process that fails them must
-        # never look ready, not even for a moment.
-        await self._contact()
+        # Serialised: two overlapping syncs (resubscribe, reconcile) would each decide from
+        # their own read.
+        async with self._sync_lock:
+            # Deployment checks (e.g. the encryption key) first: a process that fails them
+            # must never look ready, not even for a moment.
+            await self._contact()
+            await self._sync()
+        self.redis_ok = True
+
+    async def _sync(self) -> None:
         stored = await self.store.load_settings()
         known = self.current
-        if stored is None:
-            if known is None:
-                # Nothing stored and nothing known: a brand-new deployment.
-                if await self.store.restore_settings(initial_settings()):
-                    log.info("initialised settings at version 1")
-                stored = await self.store.load_settings()
-            else:
-                await self._restore(known)
-                return
-        if stored is None:
+        if stored is None and known is not None:
+            await self._restore(known)
             return
+        if stored is None:
+            outcome = await self.store.initialise_settings(initial_settings())
+            if outcome < 0:
+                self._lost()
+                return
+            if outcome > 0:
+                log.info("new deployment: initialised the settings at version 1")
+            stored = await self.store.load_settings()
+            if stored is None:
+                return
         if known is not None and stored.version < known.version:
             await self._restore(known)
         else:
             self.apply(stored)
+
+    def _lost(self) -> None:
+        if not self.settings_lost:
+            log.critical(
+                "the settings record is missing from Redis while this deployment still has "
+                "other state (password, API keys or accounts), and no running process knows "
+                "it: not serving until an operator runs `codex-lb admin reset-settings`, which "
+                "restores the default settings as a new version"
+            )
+        self.settings_lost = True
 
     async def _restore(self, known: SettingsRecord) -> None:
         if await self.store.restore_settings(known):
@@ -157,14 +192,12 @@ class LiveSettings:
 
     async def _contact(self) -> None:
         if self._contacted:
-            self.redis_ok = True
             return
         async with self._contact_lock:
             if not self._contacted:
                 for hook in self.on_first_contact:
                     await hook()
                 self._contacted = True
-        self.redis_ok = True
 
     async def _check_version(self) -> None:
         stored = await self.store.settings_version()
@@ -173,6 +206,7 @@ class LiveSettings:
             await self.sync()
         else:
             await self._contact()
+            self.redis_ok = True
 
     def _on_message(self, data: bytes) -> None:
         try:
@@ -212,13 +246,13 @@ class LiveSettings:
                     copy = self._copies.get(channel)
                     if message["type"] == "subscribe":
                         # Subscribed (again): anything published meanwhile was missed.
-                        await (self.sync() if copy is None else copy.sync())
+                        await self._guarded(channel, self.sync if copy is None else copy.sync)
                         delay = RETRY_MIN_SECONDS
                     elif message["type"] == "message":
                         if copy is None:
                             self._on_message(message["data"])
                         else:
-                            copy.on_message(message["data"])
+                            self._guarded_message(copy, message["data"])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a dead connection, or Redis refusing: retry
@@ -230,17 +264,42 @@ class LiveSettings:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_SECONDS)
 
+    async def _guarded(self, channel: str, sync: Callable[[], Awaitable[None]]) -> None:
+        """Run one copy's sync. Connection trouble goes up (the listener reconnects); anything
+        else is that copy's own fault, logged, and must not stop the others."""
+        try:
+            await sync()
+        except (StoreUnavailable, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.warning("live copy %s failed to sync", channel, exc_info=True)
+
+    @staticmethod
+    def _guarded_message(copy: LiveCopy, data: bytes) -> None:
+        try:
+            copy.on_message(data)
+        except Exception:
+            log.warning("live copy %s failed to apply a message", copy.channel, exc_info=True)
+
     async def _reconcile_loop(self) -> None:
         while True:
             try:
                 await self._check_version()
-                for copy in self._copies.values():
-                    await copy.check()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except StoreUnavailable:
                 self.redis_ok = False
-                log.debug("settings reconcile failed: %s", type(exc).__name__)
+            except Exception:
+                log.warning("settings reconcile failed", exc_info=True)
+            for copy in self._copies.values():
+                try:
+                    await copy.check()
+                except asyncio.CancelledError:
+                    raise
+                except StoreUnavailable:
+                    self.redis_ok = False
+                except Exception:
+                    log.warning("live copy %s failed to reconcile", copy.channel, exc_info=True)
             await asyncio.sleep(self.reconcile_seconds)
 
     async def _wait_for_change(self) -> None:

@@ -1,17 +1,20 @@
 """The shape shared by live copies of versioned collections (API keys, accounts).
 
-The store bumps one version counter per change and publishes the change with its version. A
-copy applies a message only when it is exactly the next version; a gap means a message was
-lost, so it reloads a consistent snapshot. The reconcile loop's ``check`` catches a lost last
-message. A snapshot that lost a race with a newer message is dropped, but a snapshot older
-than the copy with no message in between means the store was reset, and the copy follows it.
+The store bumps one version counter per change and publishes the change with its version and
+the collection's epoch. A copy applies a message only when it is exactly the next version of
+the epoch it holds; a gap means a message was lost, so it reloads a consistent snapshot. The
+reconcile loop's ``check`` catches a lost last message.
+
+A copy never goes back (CONTRACT §4): syncs are serialised, and a snapshot older than the copy
+within the same epoch is dropped (a message got ahead of the read). A different epoch means
+the store was reset (a flush, a restore from a backup): the copy follows the store, whatever
+the version numbers say.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import NamedTuple
@@ -24,9 +27,16 @@ log = logging.getLogger(__name__)
 
 
 class Change(NamedTuple):
+    epoch: str
     version: int
     # None: the message only says "reload everything".
     apply: Callable[[], None] | None
+
+
+class Snapshot(NamedTuple):
+    epoch: str
+    version: int
+    install: Callable[[], None]
 
 
 class VersionedCopy(abc.ABC):
@@ -35,57 +45,85 @@ class VersionedCopy(abc.ABC):
     def __init__(self, channel: str):
         self.channel = channel
         self.version: int | None = None  # None: never loaded, nothing in it can be trusted
-        self._applied = 0
+        self.epoch = ""
+        self._lock = asyncio.Lock()
         self._resync: asyncio.Task[None] | None = None
+        self._resync_again = False
 
     @property
     def loaded(self) -> bool:
         return self.version is not None
 
     @abc.abstractmethod
-    async def _snapshot(self) -> tuple[int, Callable[[], None]]:
-        """The stored version and a function that installs the matching contents."""
+    async def _snapshot(self) -> Snapshot:
+        """The stored epoch and version and a function that installs the matching contents."""
 
     @abc.abstractmethod
-    async def _stored_version(self) -> int: ...
+    async def _stored_version(self) -> tuple[str, int]:
+        """The stored epoch and version."""
 
     @abc.abstractmethod
     def _change(self, data: bytes) -> Change:
         """Decode one published message."""
 
     async def sync(self) -> None:
-        applied_before = self._applied
-        version, install = await self._snapshot()
-        if self._applied != applied_before and self.version is not None and version < self.version:
-            return
-        install()
-        self.version = version
+        async with self._lock:
+            snapshot = await self._snapshot()
+            same_epoch = snapshot.epoch == self.epoch
+            if same_epoch and self.version is not None and snapshot.version < self.version:
+                return
+            if not same_epoch and self.epoch:
+                log.warning(
+                    "%s: the store was reset (epoch %s -> %s); following it at version %s",
+                    self.channel,
+                    self.epoch,
+                    snapshot.epoch,
+                    snapshot.version,
+                )
+            snapshot.install()
+            self.epoch, self.version = snapshot.epoch, snapshot.version
 
     async def check(self) -> None:
-        if self.version is None or await self._stored_version() != self.version:
+        if self.version is None or await self._stored_version() != (self.epoch, self.version):
             await self.sync()
 
     def on_message(self, data: bytes) -> None:
+        if self.version is None:
+            return  # the first sync reads everything anyway
         try:
             change = self._change(data)
         except (msgspec.DecodeError, ValueError):
-            log.warning("ignored an undecodable message on %s", self.channel)
+            # We cannot tell what changed, so we cannot trust the copy: reload it.
+            log.warning("%s: undecodable message; reloading", self.channel)
+            self._schedule_resync()
             return
-        if self.version is None or change.version <= self.version:
+        if change.epoch != self.epoch:
+            self._schedule_resync()
+            return
+        if change.version <= self.version:
             return
         if change.apply is None or change.version != self.version + 1:
             self._schedule_resync()
             return
         change.apply()
         self.version = change.version
-        self._applied += 1
 
     def _schedule_resync(self) -> None:
+        # A resync already under way may have read its snapshot before this change: run once
+        # more after it rather than wait for the reconcile loop.
+        self._resync_again = True
         if self._resync is not None and not self._resync.done():
             return
 
         async def resync() -> None:
-            with contextlib.suppress(StoreUnavailable):  # the reconcile loop tries again
-                await self.sync()
+            while self._resync_again:
+                self._resync_again = False
+                try:
+                    await self.sync()
+                except StoreUnavailable:
+                    return  # the reconcile loop tries again
+                except Exception:
+                    log.warning("%s: reload failed", self.channel, exc_info=True)
+                    return
 
-        self._resync = asyncio.create_task(resync())
+        self._resync = asyncio.create_task(resync(), name=f"resync {self.channel}")

@@ -2,8 +2,9 @@
 
 Each change is one Lua script that writes, bumps the version and publishes either the
 account's whole hash (one account changed) or a resync marker (a bulk import), so a live copy
-applies changes in order and reloads everything when it sees a gap. Tokens are stored sealed
-(``SecretBox``), never in the clear.
+applies changes in order and reloads everything when it sees a gap; messages carry the
+collection's epoch (see ``redis_apikeys``) so a reset store is told apart from a stale read.
+Tokens are stored sealed (``SecretBox``), never in the clear.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ from typing import Any
 
 import msgspec
 
-from service.redis_store import ScriptArg, Store, text
+from service.redis_store import ScriptArg, Store, new_epoch, text
 
-# KEYS: index set, version key. ARGV: account key prefix, overwrite ('1'|'0'), channel, now,
-# then five per account: id, chatgpt_account_id, email, plan_type, sealed tokens.
+# KEYS: index set, version key, epoch key. ARGV: account key prefix, overwrite ('1'|'0'),
+# channel, now, a new epoch in case there is none, then five per account: id,
+# chatgpt_account_id, email, plan_type, sealed tokens.
 _IMPORT = """
+redis.call('SET', KEYS[3], ARGV[5], 'NX')
 local results, changed = {}, false
-local count = (#ARGV - 4) / 5
+local count = (#ARGV - 5) / 5
 for i = 0, count - 1 do
-  local b = 4 + i * 5
+  local b = 5 + i * 5
   local id = ARGV[b + 1]
   local key = ARGV[1] .. id
   if redis.call('EXISTS', key) == 1 then
@@ -47,40 +50,51 @@ for i = 0, count - 1 do
 end
 if changed then
   local version = redis.call('INCR', KEYS[2])
-  redis.call('PUBLISH', ARGV[3], '{"version":' .. version .. ',"resync":true}')
+  local epoch = cjson.encode(redis.call('GET', KEYS[3]))
+  redis.call('PUBLISH', ARGV[3],
+    '{"version":' .. version .. ',"epoch":' .. epoch .. ',"resync":true}')
 end
 return results
 """
 
-# KEYS: account key, version key. ARGV: channel, id, condition field ('' = none), its required
-# value, field to increment ('' = none), then field/value pairs to set.
-# Returns -1 (no such account), 0 (condition failed) or the new version.
+# KEYS: account key, version key, epoch key. ARGV: channel, id, condition field ('' = none),
+# its required value, field to increment ('' = none), a new epoch in case there is none, then
+# field/value pairs to set. Returns -1 (no such account), 0 (condition failed) or the version.
 _UPDATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], ARGV[3]) ~= ARGV[4] then return 0 end
-if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
+redis.call('SET', KEYS[3], ARGV[6], 'NX')
+if #ARGV > 6 then redis.call('HSET', KEYS[1], unpack(ARGV, 7)) end
 if ARGV[5] ~= '' then redis.call('HINCRBY', KEYS[1], ARGV[5], 1) end
 local version = redis.call('INCR', KEYS[2])
 local flat = redis.call('HGETALL', KEYS[1])
 local fields = {}
 for i = 1, #flat, 2 do fields[flat[i]] = flat[i + 1] end
-redis.call('PUBLISH', ARGV[1], cjson.encode({version = version, id = ARGV[2], fields = fields}))
+local epoch = redis.call('GET', KEYS[3])
+redis.call('PUBLISH', ARGV[1],
+  cjson.encode({version = version, epoch = epoch, id = ARGV[2], fields = fields}))
 return version
 """
 
-# KEYS: account key, version key, index set. ARGV: channel, id.
+# KEYS: account key, version key, index set, epoch key. ARGV: channel, id, new epoch.
 _DELETE = """
 if redis.call('DEL', KEYS[1]) == 0 then return 0 end
 redis.call('SREM', KEYS[3], ARGV[2])
+redis.call('SET', KEYS[4], ARGV[3], 'NX')
 local version = redis.call('INCR', KEYS[2])
-redis.call('PUBLISH', ARGV[1], '{"version":' .. version .. ',"id":' .. cjson.encode(ARGV[2]) .. '}')
+local epoch = cjson.encode(redis.call('GET', KEYS[4]))
+redis.call('PUBLISH', ARGV[1],
+  '{"version":' .. version .. ',"epoch":' .. epoch .. ',"id":' .. cjson.encode(ARGV[2]) .. '}')
 return version
 """
 
-# KEYS: index set, version key. ARGV: account key prefix. One consistent read of everything.
+# KEYS: index set, version key, epoch key. ARGV: account key prefix, a new epoch in case there
+# is none. One consistent read of everything: {epoch, version, id, hash, id, hash, ...}.
 _SNAPSHOT = """
-local out = {redis.call('GET', KEYS[2]) or '0'}
+redis.call('SET', KEYS[3], ARGV[2], 'NX')
+local out = {redis.call('GET', KEYS[3]), redis.call('GET', KEYS[2]) or '0'}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  out[#out + 1] = id
   out[#out + 1] = redis.call('HGETALL', ARGV[1] .. id)
 end
 return out
@@ -91,6 +105,7 @@ Fields = dict[str, str]
 
 class AccountMessage(msgspec.Struct, kw_only=True, frozen=True):
     version: int
+    epoch: str = ""
     id: str | None = None
     fields: Fields | None = None
     resync: bool = False
@@ -108,31 +123,42 @@ class NewAccount(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def _fields(flat: list[bytes]) -> Fields:
-    return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+    # Lenient: a stray byte must make one account malformed, not the whole snapshot unreadable.
+    return {
+        flat[i].decode(errors="replace"): flat[i + 1].decode(errors="replace")
+        for i in range(0, len(flat), 2)
+    }
 
 
 class AccountStore:
     def __init__(self, store: Store):
         self.store = store
-        self.index_key = f"{store.prefix}accounts"
+        self.index_key = store.accounts_index_key
         self.version_key = f"{store.prefix}accounts:version"
+        self.epoch_key = f"{store.prefix}accounts:epoch"
         self.account_prefix = f"{store.prefix}account:"
         self.channel = f"{store.prefix}ch:accounts"
-        client = store.client
-        self._import = client.register_script(_IMPORT)
-        self._update = client.register_script(_UPDATE)
-        self._delete = client.register_script(_DELETE)
-        self._snapshot = client.register_script(_SNAPSHOT)
+        self._import = store.write_script(_IMPORT)
+        self._update = store.write_script(_UPDATE)
+        self._delete = store.write_script(_DELETE)
+        self._snapshot = store.client.register_script(_SNAPSHOT)
 
     async def import_accounts(
         self, accounts: list[NewAccount], *, overwrite: bool, now: float
     ) -> list[str]:
         """Create or update (or skip) each account in one atomic step; a status per account."""
-        args: list[ScriptArg] = [self.account_prefix, "1" if overwrite else "0", self.channel, now]
+        args: list[ScriptArg] = [
+            self.account_prefix,
+            "1" if overwrite else "0",
+            self.channel,
+            now,
+            new_epoch(),
+        ]
         for a in accounts:
             args += [a.id, a.chatgpt_account_id, a.email, a.plan_type, a.sealed_tokens]
-        keys = [self.index_key, self.version_key]
-        raw: list[bytes] = await self.store.call(lambda: self._import(keys=keys, args=args))
+        raw: list[bytes] = await self._import(
+            [self.index_key, self.version_key, self.epoch_key], args
+        )
         return [r.decode() for r in raw]
 
     async def update(
@@ -145,27 +171,37 @@ class AccountStore:
     ) -> int:
         """Set ``values`` (if ``only_if`` field holds that value); -1 unknown, 0 refused, else
         the new version."""
-        args: list[ScriptArg] = [self.channel, account_id, *(only_if or ("", "")), increment]
+        args: list[ScriptArg] = [
+            self.channel,
+            account_id,
+            *(only_if or ("", "")),
+            increment,
+            new_epoch(),
+        ]
         for name, value in values.items():
             args += [name, value]
-        keys = [self.account_prefix + account_id, self.version_key]
-        return int(await self.store.call(lambda: self._update(keys=keys, args=args)))
+        keys = [self.account_prefix + account_id, self.version_key, self.epoch_key]
+        return int(await self._update(keys, args))
 
     async def delete(self, account_id: str) -> bool:
-        keys = [self.account_prefix + account_id, self.version_key, self.index_key]
-        args = [self.channel, account_id]
-        return bool(await self.store.call(lambda: self._delete(keys=keys, args=args)))
+        keys = [self.account_prefix + account_id, self.version_key, self.index_key, self.epoch_key]
+        return bool(await self._delete(keys, [self.channel, account_id, new_epoch()]))
 
-    async def version(self) -> int:
-        raw = await self.store.get(self.version_key)
-        return int(raw) if raw else 0
-
-    async def snapshot(self) -> tuple[int, list[Fields]]:
-        keys = [self.index_key, self.version_key]
-        raw: list[Any] = await self.store.call(
-            lambda: self._snapshot(keys=keys, args=[self.account_prefix])
+    async def version(self) -> tuple[str, int]:
+        """The epoch and the version, in one round trip."""
+        epoch, version = await self.store.call(
+            lambda: self.store.client.mget([self.epoch_key, self.version_key])
         )
-        return int(raw[0]), [_fields(flat) for flat in raw[1:] if flat]
+        return text(epoch or b""), int(version or 0)
+
+    async def snapshot(self) -> tuple[str, int, dict[str, Fields]]:
+        """Epoch, version and every account's fields by its key, in one consistent read."""
+        keys = [self.index_key, self.version_key, self.epoch_key]
+        raw: list[Any] = await self.store.call(
+            lambda: self._snapshot(keys=keys, args=[self.account_prefix, new_epoch()])
+        )
+        rows = {text(i): _fields(flat) for i, flat in zip(raw[2::2], raw[3::2], strict=True)}
+        return text(raw[0]), int(raw[1]), rows
 
     async def get_many(self, account_ids: list[str]) -> list[Fields]:
         async def op() -> list[Any]:

@@ -2,20 +2,28 @@
 
 Every change is one Lua script that writes, bumps the version and publishes the changed record
 (or its deletion) with that version, so a live copy can apply changes one by one and knows it
-missed one when a version is skipped. Only the SHA-256 of a key is ever stored.
+missed one when a version is skipped. An epoch (a random id made when the collection is first
+written or read) stands beside the version: a flush or a restore from a backup gives a new
+epoch, so a live copy tells "the store was reset" from "this snapshot is stale" without
+guessing from version numbers. Only the SHA-256 of a key is ever stored.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import msgspec
 
-from service.redis_store import Store
+from service.redis_store import Store, new_epoch, text
 
-# KEYS: records hash, version counter. ARGV: op (create|patch|delete), id, payload json, channel.
+log = logging.getLogger(__name__)
+
+# KEYS: records hash, version counter, epoch. ARGV: op (create|patch|delete), id, payload json,
+# channel, a new epoch in case there is none yet.
 # Returns {version, record json or ''}; false when the id does not exist (patch, delete).
 _WRITE = """
+redis.call('SET', KEYS[3], ARGV[5], 'NX')
 local op, id = ARGV[1], ARGV[2]
 local record = ''
 if op == 'create' then
@@ -33,8 +41,9 @@ if record ~= '' then redis.call('HSET', KEYS[1], id, record) end
 local version = redis.call('INCR', KEYS[2])
 local body = record
 if body == '' then body = 'null' end
-redis.call('PUBLISH', ARGV[4],
-  '{"version":' .. version .. ',"id":' .. cjson.encode(id) .. ',"record":' .. body .. '}')
+local epoch = redis.call('GET', KEYS[3])
+redis.call('PUBLISH', ARGV[4], '{"version":' .. version .. ',"epoch":' .. cjson.encode(epoch) ..
+  ',"id":' .. cjson.encode(id) .. ',"record":' .. body .. '}')
 return {version, record}
 """
 
@@ -46,64 +55,91 @@ class ApiKeyRecord(msgspec.Struct, kw_only=True, frozen=True):
     key_prefix: str
     created_at: str
     expires_at: str | None = None
-    is_active: bool = True
+    # A record that does not say it is active is not: a missing field never grants access.
+    is_active: bool = False
 
 
 class ApiKeyMessage(msgspec.Struct, kw_only=True, frozen=True):
     version: int
     id: str
-    record: ApiKeyRecord | None = None
+    epoch: str = ""
+    # Raw, so one malformed record is skipped by the copy instead of failing the message;
+    # ``null`` when the key was deleted.
+    record: msgspec.Raw = msgspec.Raw(b"null")
 
 
-_record = msgspec.json.Decoder(ApiKeyRecord)
+record_decoder = msgspec.json.Decoder(ApiKeyRecord)
 message_decoder = msgspec.json.Decoder(ApiKeyMessage)
+
+
+class Snapshot(msgspec.Struct, frozen=True):
+    epoch: str
+    version: int
+    # Raw records, decoded one by one by the copy so that one bad entry is skipped alone.
+    records: dict[str, bytes]
 
 
 class ApiKeyStore:
     def __init__(self, store: Store):
         self.store = store
-        self.records_key = f"{store.prefix}apikeys"
+        self.records_key = store.apikeys_key
         self.version_key = f"{store.prefix}apikeys:version"
+        self.epoch_key = f"{store.prefix}apikeys:epoch"
         self.channel = f"{store.prefix}ch:apikeys"
-        self._write = store.client.register_script(_WRITE)
+        self._write = store.write_script(_WRITE)
 
-    async def _run(self, op: str, key_id: str, payload: bytes) -> ApiKeyRecord | None:
-        keys = [self.records_key, self.version_key]
-        result: Any = await self.store.call(
-            lambda: self._write(keys=keys, args=[op, key_id, payload, self.channel])
-        )
-        if result is None:
-            return None
-        _, raw = result
-        return _record.decode(raw) if raw else None
+    async def _run(self, op: str, key_id: str, payload: bytes) -> Any:
+        keys = [self.records_key, self.version_key, self.epoch_key]
+        return await self._write(keys, [op, key_id, payload, self.channel, new_epoch()])
 
     async def create(self, record: ApiKeyRecord) -> None:
         await self._run("create", record.id, msgspec.json.encode(record))
 
     async def patch(self, key_id: str, changes: dict[str, object]) -> ApiKeyRecord | None:
         """The record after the change, or None if there is no such key."""
-        return await self._run("patch", key_id, msgspec.json.encode(changes))
+        result = await self._run("patch", key_id, msgspec.json.encode(changes))
+        return None if result is None else record_decoder.decode(result[1])
 
     async def delete(self, key_id: str) -> bool:
-        keys = [self.records_key, self.version_key]
-        result = await self.store.call(
-            lambda: self._write(keys=keys, args=["delete", key_id, b"", self.channel])
+        return await self._run("delete", key_id, b"") is not None
+
+    async def version(self) -> tuple[str, int]:
+        """The epoch and the version, in one round trip."""
+        epoch, version = await self.store.call(
+            lambda: self.store.client.mget([self.epoch_key, self.version_key])
         )
-        return result is not None
+        return text(epoch or b""), int(version or 0)
 
-    async def version(self) -> int:
-        raw = await self.store.get(self.version_key)
-        return int(raw) if raw else 0
-
-    async def snapshot(self) -> tuple[int, list[ApiKeyRecord]]:
-        """Version and every record, read in one transaction (a consistent pair)."""
+    async def snapshot(self) -> Snapshot:
+        """Epoch, version and every record, read in one transaction (a consistent set)."""
 
         async def op() -> list[Any]:
             async with self.store.client.pipeline(transaction=True) as pipe:
+                pipe.set(self.epoch_key, new_epoch(), nx=True)
+                pipe.get(self.epoch_key)
                 pipe.get(self.version_key)
-                pipe.hvals(self.records_key)
+                pipe.hgetall(self.records_key)
                 result: list[Any] = await pipe.execute()
                 return result
 
-        raw_version, raws = await self.store.call(op)
-        return int(raw_version or 0), [_record.decode(r) for r in raws]
+        _, epoch, version, raws = await self.store.call(op)
+        return Snapshot(
+            text(epoch), int(version or 0), {text(k): bytes(v) for k, v in raws.items()}
+        )
+
+    async def records(self) -> list[ApiKeyRecord]:
+        """Every record that can be read, for the dashboard (a malformed one is left out)."""
+        stored = await self.snapshot()
+        return [r for k, v in stored.records.items() if (r := decode_record(k, v)) is not None]
+
+
+def decode_record(key_id: str, raw: bytes | msgspec.Raw) -> ApiKeyRecord | None:
+    """The record, or None for a deleted one (``null``) or one that cannot be read (skipped with
+    a warning naming it, so it cannot stop the other keys from loading)."""
+    if bytes(raw) == b"null":
+        return None
+    try:
+        return record_decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        log.warning("skipped the malformed API key record %r: %s", key_id, exc)
+        return None

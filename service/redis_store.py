@@ -5,11 +5,19 @@ server: settings compare-and-set (+ version bump + history + PUBLISH), restoring
 failed-attempt accounting, TOTP step replay protection, session touch and revocation.
 
 Connection failures surface as ``StoreUnavailable``; callers decide whether that is a 503
-(writes) or a reason to keep serving the last-known-good copy (reads on the hot path).
+(writes) or a reason to keep serving the last-known-good copy (reads on the hot path). Redis
+refusing a command (a script error, a key of the wrong type) is a ``StoreError`` (500): Redis
+does not roll a failed script back, so "nothing was written" would not be true.
+
+Writes are idempotent (``Store.write_script``): the client retries a command once after a
+connection error, and a script whose reply was lost may already have committed, so each write
+carries a write id that the script remembers for a minute and answers again.
 """
 
 from __future__ import annotations
 
+import logging
+import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,25 +29,32 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import DataError, RedisError, ResponseError
 
-from service.errors import StoreUnavailable
+from service.errors import StoreError, StoreUnavailable
 from service.records import HistoryEntry, SessionRecord, SettingsRecord, WorkerRecord
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ScriptArg = bytes | str | int | float
 
 HISTORY_KEEP = 1000
 WORKER_TTL_SECONDS = 5.0
+# How long a write's id is remembered: far longer than the one immediate retry can take.
+WRITE_ID_SECONDS = 60
 
 _settings_decoder = msgspec.json.Decoder(SettingsRecord)
 _history_decoder = msgspec.json.Decoder(HistoryEntry)
 _worker_decoder = msgspec.json.Decoder(WorkerRecord)
 _encode = msgspec.json.encode
 
-# KEYS: settings hash, history list. ARGV: expected version (0 = must be absent), new version,
-# record json, history json, channel, history length kept.
+# KEYS: settings hash, history list, auth hash, pending TOTP key. ARGV: expected version (0 =
+# must be absent), new version, record json, history json, channel, history length kept, TOTP
+# secret op ('' | 'set' | 'del'), sealed secret. The secret and the record change in one step,
+# so a failure can never leave the TOTP requirement on without a secret (or the reverse).
 _SETTINGS_CAS = """
 local cur = redis.call('HGET', KEYS[1], 'version')
 local current = 0
@@ -48,8 +63,29 @@ if current ~= tonumber(ARGV[1]) then return {0, current} end
 redis.call('HSET', KEYS[1], 'version', ARGV[2], 'record', ARGV[3])
 redis.call('LPUSH', KEYS[2], ARGV[4])
 redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[6]) - 1)
+if ARGV[7] == 'set' then
+  redis.call('HSET', KEYS[3], 'totp_secret', ARGV[8])
+  redis.call('DEL', KEYS[4])
+elseif ARGV[7] == 'del' then
+  redis.call('HDEL', KEYS[3], 'totp_secret')
+  redis.call('DEL', KEYS[4])
+end
 redis.call('PUBLISH', ARGV[5], ARGV[3])
 return {1, tonumber(ARGV[2])}
+"""
+
+# The defaults, for a brand-new deployment only: no record and no other state (history,
+# credentials, API keys, accounts: KEYS[3..]). Returns 1 written, 0 a record exists, -1 the
+# record was lost while the rest of the deployment is still there.
+# KEYS: settings hash, then the keys that prove an existing deployment. ARGV: record, channel.
+_SETTINGS_INITIALISE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then return -1 end
+end
+redis.call('HSET', KEYS[1], 'version', '1', 'record', ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[1])
+return 1
 """
 
 # Put a record back when it is missing or older than the one we know (a flush, a restart
@@ -133,6 +169,13 @@ return 1
 """
 
 
+class Keep:
+    """The value left as it is (``KEEP``), where None already means "remove"."""
+
+
+KEEP = Keep()
+
+
 def connect(url: str) -> aioredis.Redis:
     """A client that fails fast: a dead Redis must turn into a quick 503, not a hang.
 
@@ -167,7 +210,12 @@ class Store:
         self.sessions_key = f"{prefix}sessions"
         self.session_prefix = f"{prefix}session:"
         self.failed_prefix = f"{prefix}failed:"
-        self._cas = client.register_script(_SETTINGS_CAS)
+        # Owned by their features' stores, named here so a settings loss can be told apart
+        # from a brand-new deployment.
+        self.apikeys_key = f"{prefix}apikeys"
+        self.accounts_index_key = f"{prefix}accounts"
+        self._cas = self.write_script(_SETTINGS_CAS)
+        self._initialise = client.register_script(_SETTINGS_INITIALISE)
         self._restore = client.register_script(_SETTINGS_RESTORE)
         self._attempt_begin = client.register_script(_ATTEMPT_BEGIN)
         self._attempt_refund = client.register_script(_ATTEMPT_REFUND)
@@ -181,11 +229,20 @@ class Store:
 
     @staticmethod
     async def call(op: Callable[[], Awaitable[T]]) -> T:
-        """Run one Redis operation, turning connection trouble into ``StoreUnavailable``."""
+        """Run one Redis operation: connection trouble is ``StoreUnavailable`` (503), Redis
+        refusing it is ``StoreError`` (500, the cause logged, never shown)."""
         try:
             return await op()
+        except (ResponseError, DataError) as exc:
+            log.error("redis refused a command: %s", exc)
+            raise StoreError() from exc
         except (RedisError, OSError) as exc:
             raise StoreUnavailable() from exc
+
+    def write_script(self, body: str) -> WriteScript:
+        """``body`` made idempotent: called with one more key, a fresh write id, it runs once
+        however often the client sends it, and a repeat answers what the first run answered."""
+        return WriteScript(self, self.client.register_script(_IDEMPOTENT.replace("__BODY__", body)))
 
     def pubsub(self) -> PubSub:
         return self.client.pubsub(ignore_subscribe_messages=False)
@@ -204,9 +261,15 @@ class Store:
         return None if raw is None else int(raw)
 
     async def compare_and_set_settings(
-        self, expected_version: int, record: SettingsRecord, changed_fields: list[str]
+        self,
+        expected_version: int,
+        record: SettingsRecord,
+        changed_fields: list[str],
+        *,
+        totp_secret: bytes | Keep | None = KEEP,
     ) -> tuple[bool, int]:
-        """Write ``record`` if the stored version is still ``expected_version``.
+        """Write ``record`` if the stored version is still ``expected_version``; with
+        ``totp_secret``, set (bytes) or remove (None) the sealed TOTP secret in the same step.
 
         Returns (written, the version now stored).
         """
@@ -220,11 +283,30 @@ class Store:
             _encode(entry),
             self.settings_channel,
             HISTORY_KEEP,
+            *(
+                ("", "")
+                if isinstance(totp_secret, Keep)
+                else ("del", "")
+                if totp_secret is None
+                else ("set", totp_secret)
+            ),
         ]
-        written, version = await self.call(
-            lambda: self._cas(keys=[self.settings_key, self.history_key], args=args)
-        )
+        keys = [self.settings_key, self.history_key, self.auth_key, self.totp_pending_key]
+        written, version = await self._cas(keys, args)
         return bool(written), int(version)
+
+    async def initialise_settings(self, record: SettingsRecord) -> int:
+        """Write the defaults if this is a brand-new deployment: 1 written, 0 a record exists,
+        -1 the record is gone while the deployment's other state is not (a loss)."""
+        keys = [
+            self.settings_key,
+            self.history_key,
+            self.auth_key,
+            self.apikeys_key,
+            self.accounts_index_key,
+        ]
+        args: list[ScriptArg] = [_encode(record), self.settings_channel]
+        return int(await self.call(lambda: self._initialise(keys=keys, args=args)))
 
     async def restore_settings(self, record: SettingsRecord) -> bool:
         """Put ``record`` back if the stored one is missing or older. True if it wrote."""
@@ -289,8 +371,8 @@ class Store:
     async def set_auth_field(self, name: str, value: bytes) -> None:
         await self.call(lambda: self.client.hset(self.auth_key, name, value))
 
-    async def delete_auth_fields(self, *names: str) -> None:
-        await self.call(lambda: self.client.hdel(self.auth_key, *names))
+    async def has_totp_secret(self) -> bool:
+        return bool(await self.call(lambda: self.client.hexists(self.auth_key, "totp_secret")))
 
     async def set_password_if_absent(self, password_hash: str) -> bool:
         ok = await self.call(
@@ -395,6 +477,32 @@ class Store:
         return int(n)
 
 
+# Wraps a write script (see ``Store.write_script``). The body runs as a function, so its own
+# ``return``s come back here; its reply is kept under the write id (the last key) for a minute.
+_IDEMPOTENT = """
+local function body()
+__BODY__
+end
+local id = KEYS[#KEYS]
+local done = redis.call('GET', id)
+if done then return cmsgpack.unpack(done) end
+local reply = body()
+redis.call('SET', id, cmsgpack.pack(reply), 'EX', __TTL__)
+return reply
+""".replace("__TTL__", str(WRITE_ID_SECONDS))
+
+
+class WriteScript:
+    def __init__(self, store: Store, script: AsyncScript):
+        self._store = store
+        self._script = script
+
+    async def __call__(self, keys: list[str], args: list[ScriptArg]) -> Any:
+        # One id per logical write, shared by the client's own retry of this very call.
+        write_key = f"{self._store.prefix}write:{secrets.token_hex(12)}"
+        return await self._store.call(lambda: self._script(keys=[*keys, write_key], args=args))
+
+
 @asynccontextmanager
 async def open_store(url: str, prefix: str) -> AsyncIterator[Store]:
     store = Store(connect(url), prefix)
@@ -411,6 +519,11 @@ def text(value: bytes | str) -> str:
 
 def _bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
+
+
+def new_epoch() -> str:
+    """A fresh id for a collection's history; see ``live_collection``."""
+    return secrets.token_hex(8)
 
 
 def hostname() -> str:

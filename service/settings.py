@@ -22,8 +22,8 @@ from starlette.responses import Response
 from service.errors import InvalidTotpConfig, SettingsConflict, StoreUnavailable
 from service.http import json_response, read_json
 from service.live import LiveSettings
-from service.records import SETTINGS_FIELDS, SettingsRecord, rfc3339
-from service.redis_store import Store
+from service.records import SETTINGS_FIELDS, SettingsRecord, initial_settings, rfc3339
+from service.redis_store import KEEP, Keep, Store
 from service.routing import Endpoint
 from service.schemas import (
     PropagationView,
@@ -103,9 +103,15 @@ async def read_settings(store: Store, live: LiveSettings) -> SettingsRecord:
 
 
 async def write_settings(
-    store: Store, live: LiveSettings, change: Change, expected_version: int | None = None
+    store: Store,
+    live: LiveSettings,
+    change: Change,
+    expected_version: int | None = None,
+    *,
+    totp_secret: bytes | Keep | None = KEEP,
 ) -> SettingsRecord:
-    """Store ``change(current)`` as the next version; see the module docstring."""
+    """Store ``change(current)`` as the next version; see the module docstring. With
+    ``totp_secret``, the sealed TOTP secret is set (or removed: None) in the same atomic step."""
     for _ in range(WRITE_ATTEMPTS):
         current = await store.load_settings()
         if current is None:
@@ -119,7 +125,7 @@ async def write_settings(
             change(current), version=current.version + 1, changed_at=time.time()
         )
         written, _ = await store.compare_and_set_settings(
-            current.version, new, changed_fields(current, new)
+            current.version, new, changed_fields(current, new), totp_secret=totp_secret
         )
         if written:
             # This process serves its very next request with the new record.
@@ -127,6 +133,33 @@ async def write_settings(
             return new
         if expected_version is not None:
             raise SettingsConflict()
+    raise SettingsConflict("Settings are changing too fast; retry")
+
+
+async def reset_settings(store: Store) -> SettingsRecord:
+    """The defaults as a new version (``codex-lb admin reset-settings``): the explicit recovery
+    when the record was lost, so it never happens behind an operator's back (CONTRACT §4).
+
+    The version continues from the newest one known (the record, else the history), so no live
+    copy mistakes the defaults for an older record. Whether TOTP is configured is a fact about
+    the stored secret, not a setting, so it is kept.
+    """
+    for _ in range(WRITE_ATTEMPTS):
+        current = await store.load_settings()
+        history = await store.settings_history(1)
+        base = max([0, *(h.version for h in history), *([current.version] if current else [])])
+        new = msgspec.structs.replace(
+            initial_settings(),
+            version=base + 1,
+            changed_at=time.time(),
+            totp_configured=await store.has_totp_secret(),
+        )
+        fields = list(SETTINGS_FIELDS) if current is None else changed_fields(current, new)
+        written, _ = await store.compare_and_set_settings(
+            0 if current is None else current.version, new, fields
+        )
+        if written:
+            return new
     raise SettingsConflict("Settings are changing too fast; retry")
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 
 import msgspec
 
-from service.live_collection import Change, VersionedCopy
+from service.live_collection import Change, Snapshot, VersionedCopy
 from service.redis_accounts import AccountStore, Fields, message_decoder
 
 
@@ -23,6 +23,7 @@ class Usage(msgspec.Struct, kw_only=True, frozen=True):
 
 
 _usage = msgspec.json.Decoder(Usage)
+log = logging.getLogger(__name__)
 
 
 class AccountState(msgspec.Struct, kw_only=True, frozen=True):
@@ -39,18 +40,44 @@ class AccountState(msgspec.Struct, kw_only=True, frozen=True):
 
     @classmethod
     def from_fields(cls, f: Fields) -> AccountState:
-        return cls(
-            id=f["id"],
-            chatgpt_account_id=f["chatgpt_account_id"],
-            email=f["email"],
-            plan_type=f.get("plan_type") or None,
-            status=f.get("status", "active"),
-            created_at=float(f.get("created_at") or 0),
-            sealed_tokens=f["tokens"].encode(),
-            tokens_version=int(f.get("tokens_version") or 0),
-            usage=_usage.decode(f.get("usage") or "{}"),
-            last_used_at=float(f["last_used_at"]) if f.get("last_used_at") else None,
-        )
+        """Raises ``MalformedAccount`` for a hash that lacks what an account needs. A missing
+        ``status`` is not "active": an account that does not say it may serve, does not."""
+        try:
+            return cls(
+                id=f["id"],
+                chatgpt_account_id=f["chatgpt_account_id"],
+                email=f["email"],
+                plan_type=f.get("plan_type") or None,
+                status=f.get("status") or UNKNOWN_STATUS,
+                created_at=float(f.get("created_at") or 0),
+                sealed_tokens=f["tokens"].encode(),
+                tokens_version=int(f.get("tokens_version") or 0),
+                usage=_usage.decode(f.get("usage") or "{}"),
+                last_used_at=float(f["last_used_at"]) if f.get("last_used_at") else None,
+            )
+        except KeyError as exc:
+            raise MalformedAccount(f"missing field {exc}") from None
+        except (ValueError, msgspec.DecodeError) as exc:
+            raise MalformedAccount(str(exc)) from None
+
+
+class MalformedAccount(ValueError):
+    """A stored account hash that cannot be read as an account."""
+
+
+UNKNOWN_STATUS = "unknown"
+
+
+def parse_account(account_id: str, fields: Fields | None) -> AccountState | None:
+    """The account, or None for a deleted one or one that cannot be read: that one is skipped
+    with a warning naming it, so it never stops the other accounts (or copies) from loading."""
+    if fields is None:
+        return None
+    try:
+        return AccountState.from_fields(fields)
+    except MalformedAccount as exc:
+        log.warning("skipped the malformed account %r: %s", account_id, exc)
+        return None
 
 
 class LiveAccounts(VersionedCopy):
@@ -63,24 +90,25 @@ class LiveAccounts(VersionedCopy):
         """Accounts that may be given a request now (not paused, not waiting for re-import)."""
         return [a for a in self.accounts.values() if a.status == "active"]
 
-    async def _snapshot(self) -> tuple[int, Callable[[], None]]:
-        version, rows = await self.store.snapshot()
-        accounts = {a.id: a for a in map(AccountState.from_fields, rows)}
+    async def _snapshot(self) -> Snapshot:
+        epoch, version, rows = await self.store.snapshot()
+        parsed = ((i, parse_account(i, fields)) for i, fields in rows.items())
+        accounts = {i: a for i, a in parsed if a is not None}
 
         def install() -> None:
             self.accounts = accounts
 
-        return version, install
+        return Snapshot(epoch, version, install)
 
-    async def _stored_version(self) -> int:
+    async def _stored_version(self) -> tuple[str, int]:
         return await self.store.version()
 
     def _change(self, data: bytes) -> Change:
         message = message_decoder.decode(data)
         if message.resync or message.id is None:
-            return Change(message.version, None)
-        account_id, fields = message.id, message.fields
-        state = None if fields is None else AccountState.from_fields(fields)
+            return Change(message.epoch, message.version, None)
+        account_id = message.id
+        state = parse_account(account_id, message.fields)
 
         def apply() -> None:
             if state is None:
@@ -88,4 +116,4 @@ class LiveAccounts(VersionedCopy):
             else:
                 self.accounts[account_id] = state
 
-        return Change(message.version, apply)
+        return Change(message.epoch, message.version, apply)

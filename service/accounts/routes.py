@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from service.accounts import authjson
 from service.accounts.authjson import AuthJsonError, ParsedAuth
-from service.accounts.live import AccountState
+from service.accounts.live import AccountState, parse_account
 from service.accounts.tokens import Tokens, seal
 from service.errors import (
     InvalidAuthJson,
@@ -187,7 +187,7 @@ async def import_accounts(request: Request) -> Response:
     ]
     statuses = await svc.account_store.import_accounts(new, overwrite=overwrite, now=time.time())
     rows = await svc.account_store.get_many([a.id for a in new])
-    stored = {a.id: a for a in map(AccountState.from_fields, rows)}
+    stored = {a.id: a for a in map(AccountState.from_fields, rows)}  # just written: well-formed
     results = [
         ImportResult(filename=filename, status=status, account=view(stored[account.id]))
         for (filename, _), account, status in zip(documents, new, statuses, strict=True)
@@ -196,8 +196,9 @@ async def import_accounts(request: Request) -> Response:
 
 
 async def list_accounts(request: Request) -> Response:
-    _, rows = await services(request).account_store.snapshot()
-    accounts = sorted(map(AccountState.from_fields, rows), key=lambda a: (a.created_at, a.id))
+    _, _, rows = await services(request).account_store.snapshot()
+    parsed = (parse_account(i, fields) for i, fields in rows.items())
+    accounts = sorted((a for a in parsed if a), key=lambda a: (a.created_at, a.id))
     return json_response(AccountList(accounts=[view(a) for a in accounts]))
 
 
@@ -207,10 +208,10 @@ async def _set_status(request: Request, status: str, only_if: tuple[str, str] | 
     account_id = request.path_params["account_id"]
     if await svc.account_store.update(account_id, {"status": status}, only_if=only_if) < 0:
         raise NotFound("No such account")
-    fields = await svc.account_store.get(account_id)
-    if fields is None:
+    account = parse_account(account_id, await svc.account_store.get(account_id))
+    if account is None:
         raise NotFound("No such account")
-    return json_response(view(AccountState.from_fields(fields)))
+    return json_response(view(account))
 
 
 async def pause_account(request: Request) -> Response:

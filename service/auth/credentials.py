@@ -109,9 +109,11 @@ class Credentials:
         if not await self._claim(secret, code):
             return False
         assert secret is not None
-        await self.store.set_auth_field("totp_secret", self.box.seal(secret))
-        await self.store.delete(self.store.totp_pending_key)
-        await write_settings(self.store, live, _totp(configured=True))
+        # One atomic step with the settings: never a secret without totp_configured, nor the
+        # reverse (CONTRACT §4: a failure in between could lock the admin out).
+        await write_settings(
+            self.store, live, _totp(configured=True), totp_secret=self.box.seal(secret)
+        )
         return True
 
     async def totp_secret(self) -> str | None:
@@ -122,10 +124,9 @@ class Credentials:
         return await self._claim(await self.totp_secret(), code)
 
     async def remove_totp(self, live: LiveSettings) -> SettingsRecord:
-        """TOTP off and not required (disable with a code, or ``admin reset-totp``)."""
-        await self.store.delete_auth_fields("totp_secret")
-        await self.store.delete(self.store.totp_pending_key)
-        return await write_settings(self.store, live, _totp(configured=False))
+        """TOTP off and not required (disable with a code, or ``admin reset-totp``), in one
+        atomic step with the settings."""
+        return await write_settings(self.store, live, _totp(configured=False), totp_secret=None)
 
     # --- the encryption key -------------------------------------------------------------------
 

@@ -35,12 +35,10 @@ def bearer(conn: HTTPConnection) -> str | None:
 def admit(svc: Services, conn: HTTPConnection) -> None:
     """Raise unless this request may use the proxy."""
     settings = svc.live.current
-    if settings is None or svc.draining:
+    if settings is None or not svc.live.ready or svc.draining:
         raise NotReady("codex-lb is not ready to serve requests")
     key = bearer(conn)
     if settings.api_key_auth_enabled:
-        if not svc.api_keys.loaded:
-            raise NotReady("API keys are not loaded yet")
         if key is None or svc.api_keys.check_key(key) is None:
             raise InvalidApiKey()
         return
