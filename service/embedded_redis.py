@@ -8,13 +8,19 @@ depth): a random one generated once into ``redis.password`` (mode 600). The pass
 redis-server through its stdin, never its command line (which ``ps`` shows to every user), and
 reaches us in the URL we yield; neither is ever logged.
 
-If one is already running on that socket (a ``serve`` while an ``admin`` command runs), it is
-reused.
+One server per data dir, never two on the same append-only file: whoever starts it holds an
+exclusive ``flock`` on ``redis.lock`` for the server's lifetime (redis-server inherits the lock,
+so it stays held until both are gone, even if we are killed) and records where it listens in
+``redis.json`` once it answers. Another process (an ``admin`` command, a second ``serve``) that
+finds the lock held uses the recorded server; one that gets the lock starts its own, and
+ignores any record left behind, which is stale by then.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import logging
 import os
 import re
@@ -32,10 +38,15 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_SECONDS = 15.0
 STOP_TIMEOUT_SECONDS = 15.0
+# How long a process that finds the lock held waits for the holder's server to answer: it may
+# still be starting (loading a large append-only file).
+REUSE_TIMEOUT_SECONDS = 15.0
 # sun_path is 108 bytes on Linux; leave room for the terminating NUL.
 MAX_SOCKET_PATH = 100
 
 PASSWORD_FILE = "redis.password"  # noqa: S105 (a file name)
+LOCK_FILE = "redis.lock"
+RECORD_FILE = "redis.json"
 SOCKET_FILE = "redis.sock"
 # What we generate (secrets.token_urlsafe) and all we accept from the file: safe unquoted in a
 # redis.conf line, and in a URL.
@@ -137,6 +148,15 @@ def _free_port() -> int:
         return port
 
 
+def _listening(sock_path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(sock_path)
+        except OSError:
+            return False
+        return True
+
+
 def _url(address: Address, password: str) -> str:
     secret = quote(password, safe="")
     if isinstance(address, str):
@@ -150,31 +170,95 @@ def _describe(address: Address) -> str:
     return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
 
 
+def _read_record(path: Path) -> Address | None:
+    try:
+        record = json.loads(path.read_text())
+        if "unix" in record:
+            return str(record["unix"])
+        return str(record["host"]), int(record["port"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None  # not written yet, or being replaced
+
+
+def _write_record(path: Path, address: Address, pid: int) -> None:
+    record: dict[str, object] = {"pid": pid}
+    if isinstance(address, str):
+        record["unix"] = address
+    else:
+        record["host"], record["port"] = address
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)  # readers see the old record or the new one, never half of one
+
+
+def _running_server(lock_fd: int, data_dir: Path, password: str) -> Address | None:
+    """The address of the server another process runs on this data dir, or None once we hold
+    the lock (then none runs, and we start one)."""
+    deadline = time.monotonic() + REUSE_TIMEOUT_SECONDS
+    while True:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            pass
+        # Only trusted while the lock is held: a record whose owner is gone may name a port
+        # some other program has taken since, and we would send it the password.
+        address = _read_record(data_dir / RECORD_FILE)
+        if address is not None and _ping(address, password):
+            return address
+        if time.monotonic() > deadline:
+            raise EmbeddedRedisError(
+                f"another process runs the embedded redis-server of {data_dir} (it holds "
+                f"{data_dir / LOCK_FILE}) but the server does not answer; stop that codex-lb "
+                "process and try again"
+            )
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def embedded_redis(data_dir: Path) -> Iterator[str]:
     """Start (or reuse) the private redis-server; yields its URL, password included."""
     try:
         data_dir = _private_dir(data_dir)
         password = _password(data_dir)
+        lock_fd = os.open(
+            data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
     except OSError as exc:
         # One line for the operator (e.g. a data dir of another user), not a traceback.
         raise EmbeddedRedisError(f"cannot use the data dir {data_dir}: {exc}") from None
-    sock_path = str(data_dir / SOCKET_FILE)
-    if len(sock_path) <= MAX_SOCKET_PATH and _ping(sock_path, password):
-        log.info("using the embedded redis-server already running on %s", sock_path)
-        yield _url(sock_path, password)
-        return
-    with _start(data_dir, password) as address:
-        yield _url(address, password)
+    try:
+        running = _running_server(lock_fd, data_dir, password)
+        if running is not None:
+            log.info("using the embedded redis-server already running on %s", _describe(running))
+            yield _url(running, password)
+            return
+        with _start(data_dir, password, lock_fd) as address:
+            yield _url(address, password)
+    finally:
+        os.close(lock_fd)  # releases the lock, unless our redis-server still holds it
 
 
 @contextlib.contextmanager
-def _start(data_dir: Path, password: str) -> Iterator[Address]:
-    """Run redis-server for the block's duration."""
+def _start(data_dir: Path, password: str, lock_fd: int) -> Iterator[Address]:
+    """Run redis-server for the block's duration (the caller holds the lock)."""
+    record_path = data_dir / RECORD_FILE
+    # Whoever wrote it is gone (the lock is ours): stale.
+    record_path.unlink(missing_ok=True)
     redis_dir = data_dir / "redis"
     redis_dir.mkdir(exist_ok=True, mode=0o700)
     sock_path = str(data_dir / SOCKET_FILE)
     use_unix = len(sock_path) <= MAX_SOCKET_PATH
+    if use_unix and _listening(sock_path):
+        # Not ours (we hold the lock): e.g. one started by an older codex-lb, without a lock.
+        # A second server on the same append-only file would corrupt it.
+        raise EmbeddedRedisError(
+            f"a server not started by this codex-lb already listens on {sock_path}; stop it "
+            "and try again"
+        )
 
     binary = shutil.which("redis-server")
     if binary is None:
@@ -210,13 +294,15 @@ def _start(data_dir: Path, password: str) -> Iterator[Address]:
         address = ("127.0.0.1", port)
 
     # Its own session: a Ctrl-C in the terminal reaches us, and we stop Redis last, after the
-    # workers have finished their requests.
+    # workers have finished their requests. It inherits the lock: if we are killed, the lock
+    # stays held as long as this server runs, so nobody starts a second one on its data.
     proc = subprocess.Popen(
         args,
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        pass_fds=(lock_fd,),
     )
     try:
         assert proc.stdin is not None
@@ -234,6 +320,7 @@ def _start(data_dir: Path, password: str) -> Iterator[Address]:
             if time.monotonic() > deadline:
                 raise EmbeddedRedisError("redis-server did not start in time")
             time.sleep(0.05)
+        _write_record(record_path, address, proc.pid)
         log.info(
             "embedded redis-server started (pid %s, on %s, data in %s)",
             proc.pid,
@@ -242,6 +329,8 @@ def _start(data_dir: Path, password: str) -> Iterator[Address]:
         )
         yield address
     finally:
+        # First, so nobody picks up a server that is going away.
+        record_path.unlink(missing_ok=True)
         proc.terminate()  # SIGTERM: redis flushes the append-only file and exits
         try:
             proc.wait(STOP_TIMEOUT_SECONDS)
