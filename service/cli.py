@@ -62,7 +62,9 @@ def _redis(config: Config) -> Iterator[Config]:
         yield config
         return
     with embedded_redis(config.data_dir) as url:
-        # Worker processes read their configuration from the environment.
+        # Worker processes read their configuration from the environment. The URL carries the
+        # embedded server's password: fine there (only our user reads our environment), never
+        # in a log line.
         os.environ["CODEX_LB_REDIS_URL"] = url
         yield Config.from_env()
 

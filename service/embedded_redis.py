@@ -1,41 +1,142 @@
 """The embedded default for one machine: a private ``redis-server`` child process.
 
-It listens only on a Unix socket in the data dir (mode 700, so no other local user can reach
-it), keeps its data there with append-only persistence, and is stopped when we exit. If one is
-already running on that socket (a ``serve`` while an ``admin`` command runs), it is reused.
+It keeps its data in the data dir (tightened to mode 700: it holds the append-only file, the
+Redis password and the generated encryption key) with append-only persistence, and is stopped
+when we exit. It listens on a Unix socket in the data dir, or on 127.0.0.1 when that path does
+not fit in ``sun_path``, and always requires a password, on the socket as well (defence in
+depth): a random one generated once into ``redis.password`` (mode 600). The password reaches
+redis-server through its stdin, never its command line (which ``ps`` shows to every user), and
+reaches us in the URL we yield; neither is ever logged.
+
+One server per data dir, never two on the same append-only file: whoever starts it holds an
+exclusive ``flock`` on ``redis.lock`` for the server's lifetime (redis-server inherits the lock,
+so it stays held until both are gone, even if we are killed) and records where it listens in
+``redis.json`` once it answers. Another process (an ``admin`` command, a second ``serve``) that
+finds the lock held uses the recorded server; one that gets the lock starts its own, and
+ignores any record left behind, which is stale by then.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import logging
+import os
+import re
+import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_SECONDS = 15.0
 STOP_TIMEOUT_SECONDS = 15.0
+# How long a process that finds the lock held waits for the holder's server to answer: it may
+# still be starting (loading a large append-only file).
+REUSE_TIMEOUT_SECONDS = 15.0
 # sun_path is 108 bytes on Linux; leave room for the terminating NUL.
 MAX_SOCKET_PATH = 100
+
+PASSWORD_FILE = "redis.password"  # noqa: S105 (a file name)
+LOCK_FILE = "redis.lock"
+RECORD_FILE = "redis.json"
+SOCKET_FILE = "redis.sock"
+# What we generate (secrets.token_urlsafe) and all we accept from the file: safe unquoted in a
+# redis.conf line, and in a URL.
+_PASSWORD = re.compile(r"[A-Za-z0-9_-]{16,}")
+
+Address = str | tuple[str, int]
 
 
 class EmbeddedRedisError(RuntimeError):
     pass
 
 
-def _ping(address: str | tuple[str, int]) -> bool:
+def _private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = path.resolve()
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        path.chmod(0o700)
+        log.warning("the data dir %s was open to other users (mode %o); now 700", path, mode)
+    return path
+
+
+def _password(data_dir: Path) -> str:
+    """The embedded server's password, generated into the data dir the first time."""
+    path = data_dir / PASSWORD_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        _create_password(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd) as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise EmbeddedRedisError(f"{path} is not a regular file")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            os.fchmod(fd, 0o600)
+            log.warning("%s was readable by other users (mode %o); now 600", path, mode)
+        password = f.read().strip()
+    if not _PASSWORD.fullmatch(password):
+        # Never echo the content: it may be the password, slightly damaged.
+        raise EmbeddedRedisError(
+            f"{path} does not hold a usable password (16 or more of A-Z a-z 0-9 - _); "
+            "delete it and a new one is generated"
+        )
+    return password
+
+
+def _create_password(path: Path) -> None:
+    # Written aside with O_EXCL and mode 600 from the first byte, then linked into place: link
+    # fails if the file exists, so of several processes starting at once exactly one password
+    # wins and nobody reads a half-written file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # left by a killed process that had our pid
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _command(*parts: str) -> bytes:
+    out = [f"*{len(parts)}\r\n".encode()]
+    for part in parts:
+        data = part.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def _ping(address: Address, password: str) -> bool:
+    """Whether a redis-server answers there with that password (and has loaded its data)."""
     family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    expected = b"+OK\r\n+PONG\r\n"
     try:
         with socket.socket(family, socket.SOCK_STREAM) as s:
             s.settimeout(0.5)
             s.connect(address)
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            s.sendall(_command("AUTH", password) + _command("PING"))
+            reply = b""
+            while reply.count(b"\r\n") < 2 and len(reply) < 512:
+                chunk = s.recv(512)
+                if not chunk:
+                    break
+                reply += chunk
+            return reply == expected
     except OSError:
         return False
 
@@ -47,19 +148,117 @@ def _free_port() -> int:
         return port
 
 
+def _listening(sock_path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(sock_path)
+        except OSError:
+            return False
+        return True
+
+
+def _url(address: Address, password: str) -> str:
+    secret = quote(password, safe="")
+    if isinstance(address, str):
+        # redis-py reads the password from the userinfo of unix:// URLs too.
+        return f"unix://:{secret}@{quote(address)}"
+    host, port = address
+    return f"redis://:{secret}@{host}:{port}/0"
+
+
+def _describe(address: Address) -> str:
+    return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+
+
+def _read_record(path: Path) -> Address | None:
+    try:
+        record = json.loads(path.read_text())
+        if "unix" in record:
+            return str(record["unix"])
+        return str(record["host"]), int(record["port"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None  # not written yet, or being replaced
+
+
+def _write_record(path: Path, address: Address, pid: int) -> None:
+    record: dict[str, object] = {"pid": pid}
+    if isinstance(address, str):
+        record["unix"] = address
+    else:
+        record["host"], record["port"] = address
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)  # readers see the old record or the new one, never half of one
+
+
+def _running_server(lock_fd: int, data_dir: Path, password: str) -> Address | None:
+    """The address of the server another process runs on this data dir, or None once we hold
+    the lock (then none runs, and we start one)."""
+    deadline = time.monotonic() + REUSE_TIMEOUT_SECONDS
+    while True:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            pass
+        # Only trusted while the lock is held: a record whose owner is gone may name a port
+        # some other program has taken since, and we would send it the password.
+        address = _read_record(data_dir / RECORD_FILE)
+        if address is not None and _ping(address, password):
+            return address
+        if time.monotonic() > deadline:
+            raise EmbeddedRedisError(
+                f"another process runs the embedded redis-server of {data_dir} (it holds "
+                f"{data_dir / LOCK_FILE}) but the server does not answer; stop that codex-lb "
+                "process and try again"
+            )
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def embedded_redis(data_dir: Path) -> Iterator[str]:
-    """Start (or reuse) the private redis-server; yields its URL."""
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Start (or reuse) the private redis-server; yields its URL, password included."""
+    try:
+        data_dir = _private_dir(data_dir)
+        password = _password(data_dir)
+        lock_fd = os.open(
+            data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+    except OSError as exc:
+        # One line for the operator (e.g. a data dir of another user), not a traceback.
+        raise EmbeddedRedisError(f"cannot use the data dir {data_dir}: {exc}") from None
+    try:
+        running = _running_server(lock_fd, data_dir, password)
+        if running is not None:
+            log.info("using the embedded redis-server already running on %s", _describe(running))
+            yield _url(running, password)
+            return
+        with _start(data_dir, password, lock_fd) as address:
+            yield _url(address, password)
+    finally:
+        os.close(lock_fd)  # releases the lock, unless our redis-server still holds it
+
+
+@contextlib.contextmanager
+def _start(data_dir: Path, password: str, lock_fd: int) -> Iterator[Address]:
+    """Run redis-server for the block's duration (the caller holds the lock)."""
+    record_path = data_dir / RECORD_FILE
+    # Whoever wrote it is gone (the lock is ours): stale.
+    record_path.unlink(missing_ok=True)
     redis_dir = data_dir / "redis"
     redis_dir.mkdir(exist_ok=True, mode=0o700)
-    sock_path = str((data_dir / "redis.sock").resolve())
+    sock_path = str(data_dir / SOCKET_FILE)
     use_unix = len(sock_path) <= MAX_SOCKET_PATH
-
-    if use_unix and _ping(sock_path):
-        log.info("using the embedded redis-server already running on %s", sock_path)
-        yield f"unix://{sock_path}"
-        return
+    if use_unix and _listening(sock_path):
+        # Not ours (we hold the lock): e.g. one started by an older codex-lb, without a lock.
+        # A second server on the same append-only file would corrupt it.
+        raise EmbeddedRedisError(
+            f"a server not started by this codex-lb already listens on {sock_path}; stop it "
+            "and try again"
+        )
 
     binary = shutil.which("redis-server")
     if binary is None:
@@ -67,8 +266,10 @@ def embedded_redis(data_dir: Path) -> Iterator[str]:
             "redis-server not found on PATH: install it (e.g. `apt-get install redis-server`) "
             "or set CODEX_LB_REDIS_URL to an existing Redis"
         )
+    # "-": read configuration from stdin (the password), then the command-line options.
     args = [
         binary,
+        "-",
         "--dir",
         str(redis_dir),
         "--appendonly",
@@ -82,28 +283,35 @@ def embedded_redis(data_dir: Path) -> Iterator[str]:
         "--protected-mode",
         "yes",
     ]
-    address: str | tuple[str, int]
+    address: Address
     if use_unix:
         Path(sock_path).unlink(missing_ok=True)
         args += ["--port", "0", "--unixsocket", sock_path, "--unixsocketperm", "700"]
-        address, url = sock_path, f"unix://{sock_path}"
+        address = sock_path
     else:
         port = _free_port()
         args += ["--port", str(port), "--bind", "127.0.0.1"]
-        address, url = ("127.0.0.1", port), f"redis://127.0.0.1:{port}/0"
+        address = ("127.0.0.1", port)
 
     # Its own session: a Ctrl-C in the terminal reaches us, and we stop Redis last, after the
-    # workers have finished their requests.
+    # workers have finished their requests. It inherits the lock: if we are killed, the lock
+    # stays held as long as this server runs, so nobody starts a second one on its data.
     proc = subprocess.Popen(
         args,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        pass_fds=(lock_fd,),
     )
     try:
+        assert proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):  # it exited at once: reported below
+            proc.stdin.write(f"requirepass {password}\n".encode())
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while not _ping(address):
+        while not _ping(address, password):
             if proc.poll() is not None:
                 log_file = redis_dir / "redis.log"
                 raise EmbeddedRedisError(
@@ -112,9 +320,17 @@ def embedded_redis(data_dir: Path) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise EmbeddedRedisError("redis-server did not start in time")
             time.sleep(0.05)
-        log.info("embedded redis-server started (pid %s, data in %s)", proc.pid, redis_dir)
-        yield url
+        _write_record(record_path, address, proc.pid)
+        log.info(
+            "embedded redis-server started (pid %s, on %s, data in %s)",
+            proc.pid,
+            _describe(address),
+            redis_dir,
+        )
+        yield address
     finally:
+        # First, so nobody picks up a server that is going away.
+        record_path.unlink(missing_ok=True)
         proc.terminate()  # SIGTERM: redis flushes the append-only file and exits
         try:
             proc.wait(STOP_TIMEOUT_SECONDS)

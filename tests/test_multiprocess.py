@@ -455,7 +455,8 @@ def test_serve_without_a_redis_url_runs_its_own_redis_server(
         token = setup(proc)
         r = call(proc, "PUT", "/api/settings", token, json=CHANGE)
         assert r.status_code == 200, r.text
-        embedded = redis.Redis(unix_socket_path=str(sock), socket_timeout=2)
+        password = (data / "redis.password").read_text().strip()
+        embedded = redis.Redis(unix_socket_path=str(sock), password=password, socket_timeout=2)
         try:
             assert embedded.hget("codexlb:settings", "version") == b"2"
             assert embedded.config_get("appendonly") == {"appendonly": "yes"}
