@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
+from service.config import Config
 from service.records import SettingsRecord
-from tests.conftest import AppHarness
+from tests.conftest import AppHarness, make_config
 
 DEFAULTS = {
     "sticky_threads_enabled": True,
@@ -326,13 +329,25 @@ async def test_twenty_concurrent_writers_with_one_version_exactly_one_wins(
 async def test_concurrent_writers_without_a_version_lose_nothing(
     admin: httpx.AsyncClient, raw_redis: redis.Redis, prefix: str
 ) -> None:
-    responses = await asyncio.gather(
-        *(admin.put("/api/settings", json=REQUIRED) for _ in range(15))
-    )
+    # Each writer changes a field of its own (the optional ones: the two required fields are in
+    # every body), so a lost update shows as a change missing from the final record.
+    changes = [
+        {"import_without_overwrite": True},
+        {"api_key_auth_enabled": True},
+        {"routing_strategy": "round_robin"},
+    ]
+    bodies = [{**REQUIRED, **changes[i % 3]} for i in range(15)]
+    responses = await asyncio.gather(*(admin.put("/api/settings", json=b) for b in bodies))
     assert all(r.status_code == 200 for r in responses)
     versions = sorted(r.json()["version"] for r in responses)
     assert versions == list(range(2, 17))
-    assert stored(raw_redis, prefix)["version"] == 16
+    record = stored(raw_redis, prefix)
+    assert record["version"] == 16
+    for change in changes:
+        assert {k: record[k] for k in change} == change, record
+    # And each response shows at least its own change, on top of whatever came before it.
+    for body, r in zip(bodies, responses, strict=True):
+        assert {k: r.json()[k] for k in body} == body
 
 
 async def test_history_lists_each_change_newest_first(admin: httpx.AsyncClient) -> None:
@@ -390,15 +405,23 @@ async def test_propagation_lists_this_process(
 
 
 async def test_two_processes_converge_through_pubsub(
-    admin: httpx.AsyncClient, config: object
+    admin: httpx.AsyncClient, config: Config, tmp_path: Path
 ) -> None:
-    async with AppHarness(config) as other:  # type: ignore[arg-type]
+    # With a 30 s reconcile interval on the other process only its pub/sub listener can bring
+    # the change inside the bound below.
+    slow = make_config(
+        config.redis_url, config.redis_prefix, tmp_path, settings_reconcile_seconds=30.0
+    )
+    async with AppHarness(slow) as other:
         for _ in range(200):  # the newcomer registers with its first heartbeat
             if len((await admin.get("/api/settings/propagation")).json()["workers"]) == 2:
                 break
             await asyncio.sleep(0.01)
+        start = time.monotonic()
         r = await admin.put(
             "/api/settings?wait=true", json={**REQUIRED, "routing_strategy": "round_robin"}
         )
+        elapsed = time.monotonic() - start
         assert r.headers["x-propagation"] == "2/2"
         assert other.services.live.get().routing_strategy == "round_robin"
+        assert elapsed < 0.5, elapsed
