@@ -407,8 +407,8 @@ async def test_cold_start_without_redis_is_not_ready_until_redis_comes(tmp_path:
                 await asyncio.sleep(0.1)
 
             srv.start()
-            # The record loads first and the first contact (key check) completes just after.
-            await eventually(lambda: svc.live.redis_ok, RECOVERY_DEADLINE)
+            # Ready once the record and every other live copy have loaded.
+            await eventually(lambda: svc.live.ready and svc.live.redis_ok, RECOVERY_DEADLINE)
             r = await client.get("/health/ready")
             assert r.status_code == 200
             assert r.json() == {"status": "ready", "settings_version": 1, "redis": "ok"}
