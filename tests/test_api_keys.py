@@ -690,11 +690,28 @@ def nets(*cidrs: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ..
     return tuple(ipaddress.ip_network(c) for c in cidrs)
 
 
-async def test_key_auth_off_trusted_proxy_forwarded_client(config: Config, tmp_path: Path) -> None:
-    cfg = make_config(
-        config.redis_url, config.redis_prefix, tmp_path, trusted_proxy_cidrs=nets("10.9.0.0/16")
+def app_with_cidrs(
+    config: Config,
+    tmp_path: Path,
+    trusted: tuple[str, ...] = (),
+    unauthenticated: tuple[str, ...] = (),
+) -> AppHarness:
+    return AppHarness(
+        make_config(
+            config.redis_url,
+            config.redis_prefix,
+            tmp_path,
+            trusted_proxy_cidrs=nets(*trusted),
+            proxy_unauthenticated_client_cidrs=nets(*unauthenticated),
+        )
     )
-    async with AppHarness(cfg) as h, peer_client(h, "10.9.0.2") as proxy:
+
+
+async def test_key_auth_off_trusted_proxy_forwarded_client(config: Config, tmp_path: Path) -> None:
+    async with (
+        app_with_cidrs(config, tmp_path, trusted=("10.9.0.0/16",)) as h,
+        peer_client(h, "10.9.0.2") as proxy,
+    ):
         # A forwarded address never counts as loopback: not the client's own claim, and not
         # the proxy's (a local tunnel would make every client of it local).
         for forwarded in (
@@ -717,13 +734,10 @@ async def test_key_auth_off_local_reverse_proxy_is_not_a_local_client(
 ) -> None:
     """nginx on this machine, listed as trusted as the README advises: every request it forwards
     arrives from loopback, and none of them may pass as local."""
-    cfg = make_config(
-        config.redis_url,
-        config.redis_prefix,
-        tmp_path,
-        trusted_proxy_cidrs=nets("127.0.0.1/32", "::1/128"),
-    )
-    async with AppHarness(cfg) as h, peer_client(h, proxy_host) as nginx:
+    async with (
+        app_with_cidrs(config, tmp_path, trusted=("127.0.0.1/32", "::1/128")) as h,
+        peer_client(h, proxy_host) as nginx,
+    ):
         assert_invalid_key(await nginx.get(MODELS))  # forwarded without X-Forwarded-For
         for forwarded in ("127.0.0.1", "::1", "::ffff:127.0.0.1", "203.0.113.4", ""):
             r = await nginx.get(MODELS, headers={"X-Forwarded-For": forwarded})
@@ -735,10 +749,10 @@ async def test_key_auth_off_local_reverse_proxy_is_not_a_local_client(
 async def test_key_auth_off_pod_cannot_claim_loopback_through_a_cluster_range(
     config: Config, tmp_path: Path
 ) -> None:
-    cfg = make_config(
-        config.redis_url, config.redis_prefix, tmp_path, trusted_proxy_cidrs=nets("10.0.0.0/8")
-    )
-    async with AppHarness(cfg) as h, peer_client(h, "10.4.5.6") as pod:
+    async with (
+        app_with_cidrs(config, tmp_path, trusted=("10.0.0.0/8",)) as h,
+        peer_client(h, "10.4.5.6") as pod,
+    ):
         for forwarded in ("127.0.0.1", "::1", "10.0.0.1"):
             assert_invalid_key(await pod.get(MODELS, headers={"X-Forwarded-For": forwarded}))
         assert_invalid_key(await pod.get(MODELS))
@@ -747,14 +761,12 @@ async def test_key_auth_off_pod_cannot_claim_loopback_through_a_cluster_range(
 async def test_key_auth_off_unauthenticated_cidrs_through_a_trusted_proxy(
     config: Config, tmp_path: Path
 ) -> None:
-    cfg = make_config(
-        config.redis_url,
-        config.redis_prefix,
-        tmp_path,
-        trusted_proxy_cidrs=nets("127.0.0.1/32"),
-        proxy_unauthenticated_client_cidrs=nets("192.168.0.0/16"),
-    )
-    async with AppHarness(cfg) as h, peer_client(h, "127.0.0.1") as nginx:
+    async with (
+        app_with_cidrs(
+            config, tmp_path, trusted=("127.0.0.1/32",), unauthenticated=("192.168.0.0/16",)
+        ) as h,
+        peer_client(h, "127.0.0.1") as nginx,
+    ):
         for forwarded in ("192.168.1.5", "::ffff:192.168.1.5", "203.0.113.9, 192.168.1.5"):
             r = await nginx.get(MODELS, headers={"X-Forwarded-For": forwarded})
             assert_admitted_no_accounts(r)
@@ -766,13 +778,7 @@ async def test_key_auth_off_unauthenticated_cidrs_through_a_trusted_proxy(
 async def test_key_auth_off_ipv4_mapped_peers_compare_as_ipv4(
     config: Config, tmp_path: Path
 ) -> None:
-    cfg = make_config(
-        config.redis_url,
-        config.redis_prefix,
-        tmp_path,
-        proxy_unauthenticated_client_cidrs=nets("10.0.0.0/8"),
-    )
-    async with AppHarness(cfg) as h:
+    async with app_with_cidrs(config, tmp_path, unauthenticated=("10.0.0.0/8",)) as h:
         for host in ("::ffff:127.0.0.1", "::ffff:10.1.2.3"):
             async with peer_client(h, host) as allowed:
                 assert_admitted_no_accounts(await allowed.get(MODELS))

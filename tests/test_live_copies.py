@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -22,21 +21,13 @@ from service.redis_store import Store, connect
 from tests.conftest import AppHarness, make_config, setup_password
 from tests.factories import auth_json
 from tests.test_accounts import import_docs
+from tests.test_api_keys import eventually
 
 pytestmark = pytest.mark.timeout(30)
 
 REQUIRED = {"sticky_threads_enabled": True, "prefer_earlier_reset_accounts": False}
 # Far longer than any assertion waits: only pub/sub can bring a change in time.
 NO_RECONCILE = 30.0
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 1.0) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"not true within {timeout}s")
-        await asyncio.sleep(0.005)
-    return time.monotonic() - start
 
 
 def wipe(raw_redis: redis.Redis, prefix: str) -> None:
@@ -48,98 +39,98 @@ def wipe(raw_redis: redis.Redis, prefix: str) -> None:
 # --- never back -----------------------------------------------------------------------------
 
 
-async def test_a_slow_snapshot_never_reinstalls_a_revoked_key(redis_url: str, prefix: str) -> None:
+@pytest.fixture
+async def key_copy(redis_url: str, prefix: str) -> AsyncIterator[tuple[ApiKeyStore, LiveApiKeys]]:
+    """An API key store and a live copy of it, outside any app (no listener, no reconcile)."""
+    store = Store(connect(redis_url), prefix)
+    keys = ApiKeyStore(store)
+    try:
+        yield keys, LiveApiKeys(keys)
+    finally:
+        await store.close()
+
+
+async def test_a_slow_snapshot_never_reinstalls_a_revoked_key(
+    key_copy: tuple[ApiKeyStore, LiveApiKeys],
+) -> None:
     """Two overlapping syncs (a resubscribe and a reconcile, say): the first reads before a key
     is deleted and finishes after the second, which read after. The copy must end on the newer
     read, or the deleted key works again until the next reconcile."""
-    store = Store(connect(redis_url), prefix)
-    keys = ApiKeyStore(store)
-    live = LiveApiKeys(keys)
-    try:
-        made = await create_key(keys, ApiKeyCreate(name="revoked"))
-        await live.sync()
-        assert live.check_key(made.key) is not None
+    keys, live = key_copy
+    made = await create_key(keys, ApiKeyCreate(name="revoked"))
+    await live.sync()
+    assert live.check_key(made.key) is not None
 
-        read = keys.snapshot
-        first_read = asyncio.Event()
-        release = asyncio.Event()
-        calls = 0
+    read = keys.snapshot
+    first_read = asyncio.Event()
+    release = asyncio.Event()
+    calls = 0
 
-        async def slow_first_read() -> Snapshot:
-            nonlocal calls
-            calls += 1
-            mine = calls
-            snapshot = await read()
-            if mine == 1:
-                first_read.set()
-                await release.wait()
-            return snapshot
+    async def slow_first_read() -> Snapshot:
+        nonlocal calls
+        calls += 1
+        mine = calls
+        snapshot = await read()
+        if mine == 1:
+            first_read.set()
+            await release.wait()
+        return snapshot
 
-        keys.snapshot = slow_first_read  # type: ignore[method-assign]
-        slow = asyncio.create_task(live.sync())
-        await first_read.wait()
-        assert await keys.delete(made.id)
-        fast = asyncio.create_task(live.sync())
-        await asyncio.sleep(0.1)  # the newer read, unless it waits its turn, is installed now
-        release.set()
-        await asyncio.gather(slow, fast)
+    keys.snapshot = slow_first_read  # type: ignore[method-assign]
+    slow = asyncio.create_task(live.sync())
+    await first_read.wait()
+    assert await keys.delete(made.id)
+    fast = asyncio.create_task(live.sync())
+    await asyncio.sleep(0.1)  # the newer read, unless it waits its turn, is installed now
+    release.set()
+    await asyncio.gather(slow, fast)
 
-        assert live.check_key(made.key) is None
-        assert live.version == 2
-    finally:
-        await store.close()
+    assert live.check_key(made.key) is None
+    assert live.version == 2
 
 
-async def test_a_message_ahead_of_a_snapshot_is_kept(redis_url: str, prefix: str) -> None:
-    store = Store(connect(redis_url), prefix)
-    keys = ApiKeyStore(store)
-    live = LiveApiKeys(keys)
-    try:
-        made = await create_key(keys, ApiKeyCreate(name="k"))
-        await live.sync()
-        stale = await keys.snapshot()  # read before the revocation below
-        assert await keys.delete(made.id)
-        message = json.dumps(
-            {"version": 2, "epoch": live.epoch, "id": made.id, "record": None}
-        ).encode()
-        live.on_message(message)
-        assert live.check_key(made.key) is None
+async def test_a_message_ahead_of_a_snapshot_is_kept(
+    key_copy: tuple[ApiKeyStore, LiveApiKeys],
+) -> None:
+    keys, live = key_copy
+    made = await create_key(keys, ApiKeyCreate(name="k"))
+    await live.sync()
+    stale = await keys.snapshot()  # read before the revocation below
+    assert await keys.delete(made.id)
+    message = json.dumps(
+        {"version": 2, "epoch": live.epoch, "id": made.id, "record": None}
+    ).encode()
+    live.on_message(message)
+    assert live.check_key(made.key) is None
 
-        async def old_read() -> Snapshot:
-            return stale
+    async def old_read() -> Snapshot:
+        return stale
 
-        keys.snapshot = old_read  # type: ignore[method-assign]
-        await live.sync()
-        assert live.check_key(made.key) is None
-        assert live.version == 2
-    finally:
-        await store.close()
+    keys.snapshot = old_read  # type: ignore[method-assign]
+    await live.sync()
+    assert live.check_key(made.key) is None
+    assert live.version == 2
 
 
 async def test_a_reset_store_is_followed_even_at_the_same_version(
-    redis_url: str, prefix: str, raw_redis: redis.Redis
+    key_copy: tuple[ApiKeyStore, LiveApiKeys], raw_redis: redis.Redis, prefix: str
 ) -> None:
     """A flush followed by as many writes as before leaves the same version number: only the
     epoch tells the copy that its keys are gone."""
-    store = Store(connect(redis_url), prefix)
-    keys = ApiKeyStore(store)
-    live = LiveApiKeys(keys)
-    try:
-        old = await create_key(keys, ApiKeyCreate(name="before the flush"))
-        await live.sync()
-        assert (live.version, live.check_key(old.key) is not None) == (1, True)
+    keys, live = key_copy
+    old = await create_key(keys, ApiKeyCreate(name="before the flush"))
+    await live.sync()
+    assert (live.version, live.check_key(old.key) is not None) == (1, True)
 
-        wipe(raw_redis, prefix)
-        new = await create_key(keys, ApiKeyCreate(name="after the flush"))
-        epoch, version = await keys.version()
-        assert (version, epoch != live.epoch) == (1, True)
+    wipe(raw_redis, prefix)
+    new = await create_key(keys, ApiKeyCreate(name="after the flush"))
+    epoch, version = await keys.version()
+    assert (version, epoch != live.epoch) == (1, True)
 
-        await live.check()  # the reconcile loop's tick
-        assert live.check_key(old.key) is None
-        assert live.check_key(new.key) is not None
-        assert live.version == 1
-    finally:
-        await store.close()
+    await live.check()  # the reconcile loop's tick
+    assert live.check_key(old.key) is None
+    assert live.check_key(new.key) is not None
+    assert live.version == 1
 
 
 # --- one bad entry ----------------------------------------------------------------------------
