@@ -13,6 +13,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Callable
 
 import httpx
 import msgspec
@@ -114,19 +115,23 @@ class TokenManager:
         box: SecretBox,
         http: httpx.AsyncClient,
         auth_base_url: str,
+        *,
+        clock: Callable[[], float] = time.time,
     ):
+        """``clock`` is the wall clock that decides expiry."""
         self.store = store
         self.accounts = accounts
         self.box = box
         self.http = http
         self.token_url = f"{auth_base_url}/oauth/token"
+        self.clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def get_as(self, account: AccountState, url: str) -> httpx.Response:
         """GET an upstream control route as ``account``: its token refreshed first if about to
         expire, and once more (then retried) if the upstream refuses it."""
         version, tokens = account.tokens_version, open_tokens(self.box, account.sealed_tokens)
-        if tokens.expiring():
+        if tokens.expiring(self.clock()):
             version, tokens = await self._refresh(account.id, version)
         response = await self.http.get(url, headers=account_headers(tokens, account))
         if response.status_code == 401:
@@ -201,7 +206,7 @@ class TokenManager:
             reply = _reply_decoder.decode(response.content)
         except msgspec.DecodeError:
             raise RefreshFailed("token refresh answered an unreadable body") from None
-        now = time.time()
+        now = self.clock()
         expires_at = access_expiry(reply.access_token)
         if expires_at is None and reply.expires_in is not None:
             expires_at = now + reply.expires_in
