@@ -1,5 +1,6 @@
 """Token refresh against the (respx-faked) OAuth server, with a real redis-server: before expiry,
-after an upstream 401, dead refresh tokens, and single flight across two processes."""
+after an upstream 401, dead refresh tokens, single flight across two processes, and the refresh
+that must not lose a healthy account (a slow or hung exchange)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 import redis
 import respx
 
-from service.accounts.tokens import CLIENT_ID, SCOPE, ReauthRequired, RefreshFailed
+from service.accounts.tokens import CLIENT_ID, SCOPE, ReauthRequired, RefreshFailed, TokenManager
 from tests.conftest import AppHarness
 from tests.factories import AUTH_CLAIM, auth_json, jwt
 from tests.test_accounts import (
@@ -490,3 +491,102 @@ async def test_a_refresh_that_lost_the_race_returns_the_winners_tokens(
         assert refresh_bodies(token)[1]["refresh_token"] == reply["refresh_token"]
     assert second.refresh_token == "rt-new-second"
     assert account_hash(raw_redis, prefix, account_id)[b"tokens_version"] == b"3"
+
+
+# --- a refresh never kills a healthy account --------------------------------------------------
+
+REUSED = {
+    "error": {
+        "message": "Your refresh token has already been used",
+        "type": "invalid_request_error",
+        "code": "refresh_token_reused",
+    }
+}
+
+
+def manager(h: AppHarness, **options: Any) -> TokenManager:
+    """Another token manager of process ``h`` (its own in-process lock), e.g. a short lease."""
+    svc = h.services
+    return TokenManager(
+        svc.store, svc.account_store, svc.box, svc.http, h.config.auth_base_url, **options
+    )
+
+
+def renewals_running() -> list[str]:
+    return [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("renew lease:")]
+
+
+async def test_a_refresh_that_outlives_its_lease_keeps_it_and_is_the_only_exchange(
+    harness: AppHarness,
+    admin: httpx.AsyncClient,
+    raw_redis: redis.Redis,
+    prefix: str,
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    """A slow exchange renews its lease: a second process waits for it instead of spending the
+    same single-use refresh token again (which the upstream would refuse, killing the account)."""
+    lease = 0.3
+    account_id = await import_one(harness, auth_json())
+    reply = new_tokens("slow")
+    spent: set[str] = set()
+    in_flight = asyncio.Event()
+
+    async def exchange(request: httpx.Request) -> httpx.Response:
+        refresh_token = json.loads(request.content)["refresh_token"]
+        if refresh_token in spent:
+            return httpx.Response(401, json=REUSED)
+        spent.add(refresh_token)
+        in_flight.set()
+        await asyncio.sleep(lease * 4)  # the upstream is slow: longer than the lease
+        return httpx.Response(200, json=reply)
+
+    with respx.mock(assert_all_called=False) as mock:
+        token = mock.post(TOKEN_URL).mock(side_effect=exchange)
+        async with AppHarness(harness.config) as other:
+            await wait_live(other, lambda a: account_id in a)
+            a = manager(harness, lease_seconds=lease, exchange_seconds=5.0)
+            b = manager(other, lease_seconds=lease, exchange_seconds=5.0)
+            first = asyncio.create_task(a.refresh(account_id, 1))
+            await in_flight.wait()
+            second = await b.refresh(account_id, 1)  # asked while A's exchange is in flight
+            first_result = await first
+        assert first_result == second
+        assert token.call_count == 1
+        assert refresh_bodies(token) == [expected_body("rt-secret-1")]
+    assert second.access_token == reply["access_token"]
+    assert second.refresh_token == reply["refresh_token"]
+    stored = account_hash(raw_redis, prefix, account_id)
+    assert stored[b"status"] == b"active"
+    assert stored[b"tokens_version"] == b"2"
+    assert opened(raw_redis, prefix, account_id)["refresh_token"] == reply["refresh_token"]
+    assert not raw_redis.exists(f"{prefix}lease:refresh:{account_id}")
+    assert renewals_running() == []  # the renewal stopped with the refresh
+    assert "needs re-import" not in logs.text
+
+
+async def test_an_exchange_that_never_answers_fails_within_its_bound(
+    harness: AppHarness, admin: httpx.AsyncClient, raw_redis: redis.Redis, prefix: str
+) -> None:
+    bound = 0.5
+    account_id = await import_one(harness, auth_json())
+    before = account_hash(raw_redis, prefix, account_id)
+    asked: list[str] = []
+
+    async def never(request: httpx.Request) -> httpx.Response:
+        asked.append(json.loads(request.content)["refresh_token"])
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    with respx.mock(assert_all_called=False) as mock:
+        mock.post(TOKEN_URL).mock(side_effect=never)
+        tokens = manager(harness, exchange_seconds=bound)
+        started = time.monotonic()
+        with pytest.raises(RefreshFailed):
+            async with asyncio.timeout(bound + 3):  # a hang fails the test, not the run
+                await tokens.refresh(account_id, 1)
+        elapsed = time.monotonic() - started
+    assert asked == ["rt-secret-1"]  # (respx counts only calls that were answered)
+    assert bound <= elapsed < bound + 1
+    assert account_hash(raw_redis, prefix, account_id) == before  # still active, untouched
+    assert not raw_redis.exists(f"{prefix}lease:refresh:{account_id}")
+    assert renewals_running() == []

@@ -5,11 +5,20 @@ lose it (``refresh_token_reused``). So a refresh takes a short Redis lease for t
 whoever holds it exchanges the token and stores the result with a compare-and-set on the
 account's ``tokens_version``. Everyone else, in this process (a lock) or another (the lease),
 waits and then reads the tokens the winner stored.
+
+The lease must last as long as the holder may still spend the token or store its successor,
+or a second process would spend the token again, be refused, and kill an account the first
+one has just refreshed. So while it exchanges and stores, the holder renews its lease in the
+background every third of the lease's length; and the exchange itself is bounded well inside
+one lease length, so the lease outlives it even if no renewal gets through. The lease is
+released only by its owner (``release_lease`` checks), so a holder whose lease was lost frees
+nobody else's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -20,6 +29,7 @@ import msgspec
 
 from service.accounts.authjson import AuthJsonError, jwt_claims
 from service.accounts.live import AccountState
+from service.errors import StoreUnavailable
 from service.redis_accounts import AccountStore
 from service.redis_store import Store
 from service.secret_box import SecretBox
@@ -31,6 +41,9 @@ CLIENT_ID = "app_EMoamEEZ73f0CkXaXp7hrann"
 SCOPE = "openid profile email"
 REFRESH_MARGIN_SECONDS = 300.0
 LEASE_SECONDS = 30.0
+# Well inside the lease, so the lease outlives the exchange even if every renewal fails. (The
+# shared client's own timeouts are per read, not per exchange: a trickling reply outlasts them.)
+EXCHANGE_SECONDS = 20.0
 WAIT_SECONDS = 20.0
 # The upstream says the refresh token can never work again: only a re-import helps.
 DEAD_GRANT_ERRORS = frozenset(
@@ -107,6 +120,55 @@ def _error_code(response: httpx.Response) -> str:
     return error or ""
 
 
+class _Lease:
+    """A refresh lease: renewed in the background while held, released only if still ours."""
+
+    def __init__(self, store: Store, name: str, seconds: float):
+        self.store = store
+        self.name = name
+        self.owner = secrets.token_hex(8)
+        self.seconds = seconds
+        # Until when the lease is surely ours (monotonic): the last grant we know of, counted
+        # from before we asked for it. 0 while not held, or once lost.
+        self.held_until = 0.0
+        self._renewal: asyncio.Task[None] | None = None
+
+    async def acquire(self) -> bool:
+        asked = time.monotonic()
+        if not await self.store.acquire_lease(self.name, self.owner, self.seconds):
+            return False
+        self.held_until = asked + self.seconds
+        self._renewal = asyncio.create_task(self._renew(), name=f"renew lease:{self.name}")
+        return True
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(self.seconds / 3)
+            asked = time.monotonic()
+            try:
+                ours = await self.store.renew_lease(self.name, self.owner, self.seconds)
+            except StoreUnavailable:
+                # Not lost yet: the last grant still runs, and the next renewal may get through.
+                log.warning("could not renew the lease %s: the store is unavailable", self.name)
+                continue
+            if not ours:
+                log.warning("lost the lease %s while refreshing", self.name)
+                self.held_until = 0.0
+                return
+            self.held_until = asked + self.seconds
+
+    async def release(self) -> None:
+        if self._renewal is not None:
+            self._renewal.cancel()
+            # wait(), not await: a cancellation of our own caller must still reach it.
+            await asyncio.wait([self._renewal])
+            self._renewal = None
+        self.held_until = 0.0
+        # If the store is down the lease simply expires; the refresh's outcome stands.
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.release_lease(self.name, self.owner)
+
+
 class TokenManager:
     def __init__(
         self,
@@ -116,14 +178,20 @@ class TokenManager:
         http: httpx.AsyncClient,
         auth_base_url: str,
         *,
+        lease_seconds: float = LEASE_SECONDS,
+        exchange_seconds: float = EXCHANGE_SECONDS,
         clock: Callable[[], float] = time.time,
     ):
-        """``clock`` is the wall clock that decides expiry."""
+        """``lease_seconds`` is the refresh lease's length (renewed every third of it while
+        held); ``exchange_seconds`` bounds one exchange with the OAuth server; ``clock`` is the
+        wall clock that decides expiry."""
         self.store = store
         self.accounts = accounts
         self.box = box
         self.http = http
         self.token_url = f"{auth_base_url}/oauth/token"
+        self.lease_seconds = lease_seconds
+        self.exchange_seconds = exchange_seconds
         self.clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -157,9 +225,9 @@ class TokenManager:
             version, tokens = await self._stored(account_id)
             if version > seen_version:
                 return version, tokens
-            lease, owner = f"refresh:{account_id}", secrets.token_hex(8)
+            lease = _Lease(self.store, f"refresh:{account_id}", self.lease_seconds)
             deadline = time.monotonic() + WAIT_SECONDS
-            while not await self.store.acquire_lease(lease, owner, LEASE_SECONDS):
+            while not await lease.acquire():
                 # Another process is exchanging this account's token: wait for its result.
                 await asyncio.sleep(0.05)
                 version, tokens = await self._stored(account_id)
@@ -183,7 +251,7 @@ class TokenManager:
                 log.info("refreshed the access token of account %s", account_id)
                 return version + 1, fresh
             finally:
-                await self.store.release_lease(lease, owner)
+                await lease.release()
 
     async def _exchange(self, account_id: str, tokens: Tokens) -> Tokens:
         body = {
@@ -193,7 +261,12 @@ class TokenManager:
             "scope": SCOPE,
         }
         try:
-            response = await self.http.post(self.token_url, json=body)
+            async with asyncio.timeout(self.exchange_seconds):
+                response = await self.http.post(self.token_url, json=body)
+        except TimeoutError:
+            raise RefreshFailed(
+                f"token refresh got no answer within {self.exchange_seconds:g} s"
+            ) from None
         except httpx.HTTPError as exc:
             raise RefreshFailed(f"token refresh failed: {type(exc).__name__}") from None
         if response.status_code in (400, 401) and _error_code(response) in DEAD_GRANT_ERRORS:
