@@ -1,6 +1,6 @@
 """Token refresh against the (respx-faked) OAuth server, with a real redis-server: before expiry,
 after an upstream 401, dead refresh tokens, single flight across two processes, and the refresh
-that must not lose a healthy account (a slow or hung exchange)."""
+that must not lose a healthy account (a slow or hung exchange, a lost race)."""
 
 from __future__ import annotations
 
@@ -561,6 +561,55 @@ async def test_a_refresh_that_outlives_its_lease_keeps_it_and_is_the_only_exchan
     assert opened(raw_redis, prefix, account_id)["refresh_token"] == reply["refresh_token"]
     assert not raw_redis.exists(f"{prefix}lease:refresh:{account_id}")
     assert renewals_running() == []  # the renewal stopped with the refresh
+    assert "needs re-import" not in logs.text
+
+
+async def test_a_refused_refresh_token_does_not_kill_an_account_someone_else_refreshed(
+    harness: AppHarness,
+    admin: httpx.AsyncClient,
+    raw_redis: redis.Redis,
+    prefix: str,
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    """B's exchange is refused as reused because A spent the token and stored fresh ones
+    meanwhile (A's lease was lost, e.g. to a Redis failover): B returns A's tokens and the
+    account stays active."""
+    account_id = await import_one(harness, auth_json())
+    reply = new_tokens("a")
+    lease_key = f"{prefix}lease:refresh:{account_id}"
+    a_exchanging, b_exchanging = asyncio.Event(), asyncio.Event()
+    a_task: asyncio.Task[Any] | None = None
+
+    async def exchange(request: httpx.Request) -> httpx.Response:
+        nonlocal a_task
+        if not a_exchanging.is_set():  # A's exchange
+            assert raw_redis.delete(lease_key) == 1  # A's lease is lost
+            a_exchanging.set()
+            await b_exchanging.wait()
+            return httpx.Response(200, json=reply)
+        b_exchanging.set()  # B's exchange: it is refused once A has stored its tokens
+        assert a_task is not None
+        await a_task
+        assert raw_redis.hget(f"{prefix}account:{account_id}", "tokens_version") == b"2"
+        return httpx.Response(401, json=REUSED)
+
+    with respx.mock(assert_all_called=False) as mock:
+        token = mock.post(TOKEN_URL).mock(side_effect=exchange)
+        async with AppHarness(harness.config) as other:
+            await wait_live(other, lambda a: account_id in a)
+            a_task = asyncio.create_task(harness.services.tokens.refresh(account_id, 1))
+            await a_exchanging.wait()
+            b_tokens = await other.services.tokens.refresh(account_id, 1)
+            a_tokens = await a_task
+        assert token.call_count == 2
+        assert refresh_bodies(token) == [expected_body("rt-secret-1")] * 2
+    assert b_tokens == a_tokens
+    assert b_tokens.access_token == reply["access_token"]
+    stored = account_hash(raw_redis, prefix, account_id)
+    assert stored[b"status"] == b"active"
+    assert stored[b"tokens_version"] == b"2"
+    assert opened(raw_redis, prefix, account_id)["refresh_token"] == reply["refresh_token"]
+    assert not raw_redis.exists(lease_key)
     assert "needs re-import" not in logs.text
 
 

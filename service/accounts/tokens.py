@@ -10,9 +10,11 @@ The lease must last as long as the holder may still spend the token or store its
 or a second process would spend the token again, be refused, and kill an account the first
 one has just refreshed. So while it exchanges and stores, the holder renews its lease in the
 background every third of the lease's length; and the exchange itself is bounded well inside
-one lease length, so the lease outlives it even if no renewal gets through. The lease is
-released only by its owner (``release_lease`` checks), so a holder whose lease was lost frees
-nobody else's.
+one lease length, so the lease outlives it even if no renewal gets through. A refused token
+marks the account ``reauth_required`` only if its ``tokens_version`` is still the one the
+exchange started from: if it moved, someone else stored fresh tokens meanwhile, and those are
+returned instead. The lease is released only by its owner (``release_lease`` checks), so a
+holder whose lease was lost frees nobody else's.
 """
 
 from __future__ import annotations
@@ -82,6 +84,10 @@ class ReauthRequired(Exception):
 
 class RefreshFailed(Exception):
     """A passing failure (network, upstream 5xx, lease wait timed out); try again later."""
+
+
+class _DeadGrant(Exception):
+    """The upstream refused the refresh token for good."""
 
 
 _tokens_decoder = msgspec.json.Decoder(Tokens)
@@ -239,7 +245,10 @@ class TokenManager:
                 version, tokens = await self._stored(account_id)
                 if version > seen_version:
                     return version, tokens
-                fresh = await self._exchange(account_id, tokens)
+                try:
+                    fresh = await self._exchange(tokens)
+                except _DeadGrant:
+                    return await self._refused(account_id, version)
                 written = await self.accounts.update(
                     account_id,
                     {"tokens": seal(self.box, fresh)},
@@ -253,7 +262,21 @@ class TokenManager:
             finally:
                 await lease.release()
 
-    async def _exchange(self, account_id: str, tokens: Tokens) -> Tokens:
+    async def _refused(self, account_id: str, version: int) -> tuple[int, Tokens]:
+        """The token we started from was refused: the account needs re-import, unless someone
+        stored newer tokens meanwhile (then the refusal says only that they spent ours)."""
+        marked = await self.accounts.update(
+            account_id, {"status": "reauth_required"}, only_if=("tokens_version", str(version))
+        )
+        if marked < 0:
+            raise ReauthRequired(f"account {account_id} no longer exists")
+        if marked == 0:
+            log.info("account %s: refresh token refused, but newer tokens were stored", account_id)
+            return await self._stored(account_id)
+        log.warning("account %s needs re-import: its refresh token was refused", account_id)
+        raise ReauthRequired(f"account {account_id} needs to be imported again")
+
+    async def _exchange(self, tokens: Tokens) -> Tokens:
         body = {
             "grant_type": "refresh_token",
             "client_id": CLIENT_ID,
@@ -270,9 +293,7 @@ class TokenManager:
         except httpx.HTTPError as exc:
             raise RefreshFailed(f"token refresh failed: {type(exc).__name__}") from None
         if response.status_code in (400, 401) and _error_code(response) in DEAD_GRANT_ERRORS:
-            await self.accounts.update(account_id, {"status": "reauth_required"})
-            log.warning("account %s needs re-import: its refresh token was refused", account_id)
-            raise ReauthRequired(f"account {account_id} needs to be imported again")
+            raise _DeadGrant()
         if response.status_code != 200:
             raise RefreshFailed(f"token refresh answered {response.status_code}")
         try:
