@@ -1,6 +1,6 @@
 """Token refresh against the (respx-faked) OAuth server, with a real redis-server: before expiry,
 after an upstream 401, dead refresh tokens, single flight across two processes, and the refresh
-that must not lose a healthy account (a slow or hung exchange, a lost race)."""
+that must not lose a healthy account (a slow or hung exchange, a lost race, a failing store)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import redis
 import respx
 
 from service.accounts.tokens import CLIENT_ID, SCOPE, ReauthRequired, RefreshFailed, TokenManager
+from service.errors import StoreUnavailable
 from tests.conftest import AppHarness
 from tests.factories import AUTH_CLAIM, auth_json, jwt
 from tests.test_accounts import (
@@ -639,3 +640,119 @@ async def test_an_exchange_that_never_answers_fails_within_its_bound(
     assert account_hash(raw_redis, prefix, account_id) == before  # still active, untouched
     assert not raw_redis.exists(f"{prefix}lease:refresh:{account_id}")
     assert renewals_running() == []
+
+
+def failing_token_stores(
+    monkeypatch: pytest.MonkeyPatch, h: AppHarness, times: int, *, written: bool = False
+) -> list[str]:
+    """The next ``times`` writes of an account's tokens fail as if Redis were unreachable
+    (``written``: after the write happened, as when the answer is lost)."""
+    store = h.services.account_store
+    update = store.update
+    failed: list[str] = []
+
+    async def flaky(account_id: str, values: Any, **options: Any) -> int:
+        if "tokens" in values and len(failed) < times:
+            failed.append(account_id)
+            if written:
+                await update(account_id, values, **options)
+            raise StoreUnavailable()
+        return await update(account_id, values, **options)
+
+    monkeypatch.setattr(store, "update", flaky)
+    return failed
+
+
+async def test_fresh_tokens_are_stored_on_retry_when_the_store_fails_once(
+    harness: AppHarness,
+    admin: httpx.AsyncClient,
+    raw_redis: redis.Redis,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a successful exchange the old refresh token is spent: losing the new tokens to a
+    passing store failure would lose the account."""
+    account_id = await import_one(harness, auth_json(access_exp=time.time() + 60))
+    reply = new_tokens("retry")
+    failed = failing_token_stores(monkeypatch, harness, times=1)
+    with respx.mock(assert_all_called=False) as mock:
+        token = mock.post(TOKEN_URL).respond(200, json=reply)
+        models = mock.get(MODELS).mock(side_effect=models_accepting(reply["access_token"]))
+        r = await admin.get("/v1/models")
+        assert r.status_code == 200, r.text
+        assert failed == [account_id]
+        assert token.call_count == 1
+        stored = account_hash(raw_redis, prefix, account_id)
+        assert stored[b"status"] == b"active"
+        assert stored[b"tokens_version"] == b"2"
+        sealed = opened(raw_redis, prefix, account_id)
+        assert {k: sealed[k] for k in ("access_token", "refresh_token", "id_token")} == {
+            k: reply[k] for k in ("access_token", "refresh_token", "id_token")
+        }
+        # The account keeps working on the stored tokens, without another exchange.
+        await wait_live(harness, lambda a: a[account_id].tokens_version == 2)
+        for _ in range(2):
+            assert (await admin.get("/v1/models")).status_code == 200
+        assert token.call_count == 1
+        assert {c.request.headers["authorization"] for c in models.calls} == {
+            f"Bearer {reply['access_token']}"
+        }
+    assert not raw_redis.exists(f"{prefix}lease:refresh:{account_id}")
+
+
+async def test_fresh_tokens_that_cannot_be_stored_fail_the_refresh_loudly_and_in_time(
+    harness: AppHarness,
+    admin: httpx.AsyncClient,
+    raw_redis: redis.Redis,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    lease = 0.6
+    account_id = await import_one(harness, auth_json())
+    before = account_hash(raw_redis, prefix, account_id)
+    reply = new_tokens("lost")
+    failed = failing_token_stores(monkeypatch, harness, times=1000)
+    with respx.mock(assert_all_called=False) as mock:
+        token = mock.post(TOKEN_URL).respond(200, json=reply)
+        tokens = manager(harness, lease_seconds=lease, exchange_seconds=0.4)
+        started = time.monotonic()
+        with pytest.raises(RefreshFailed):
+            await tokens.refresh(account_id, 1)
+        elapsed = time.monotonic() - started
+        assert token.call_count == 1
+    assert len(failed) > 1  # retried
+    assert elapsed < lease + 0.5  # no longer than the lease
+    assert account_hash(raw_redis, prefix, account_id) == before
+    assert not raw_redis.exists(f"{prefix}lease:refresh:{account_id}")
+    assert renewals_running() == []
+    errors = [r.getMessage() for r in logs.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert account_id in errors[0]
+    assert_no_secret(logs.text, reply_secrets(reply), "the log")
+
+
+async def test_a_store_whose_answer_was_lost_is_not_taken_for_a_conflict(
+    harness: AppHarness,
+    admin: httpx.AsyncClient,
+    raw_redis: redis.Redis,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    """The first store wrote, but its answer was lost: the retry's compare-and-set fails on our
+    own write, which must count as stored, not as someone else's change."""
+    account_id = await import_one(harness, auth_json())
+    reply = new_tokens("landed")
+    failed = failing_token_stores(monkeypatch, harness, times=1, written=True)
+    with respx.mock(assert_all_called=False) as mock:
+        token = mock.post(TOKEN_URL).respond(200, json=reply)
+        fresh = await harness.services.tokens.refresh(account_id, 1)
+        assert token.call_count == 1
+    assert failed == [account_id]
+    assert fresh.access_token == reply["access_token"]
+    stored = account_hash(raw_redis, prefix, account_id)
+    assert stored[b"status"] == b"active"
+    assert stored[b"tokens_version"] == b"2"
+    assert opened(raw_redis, prefix, account_id)["refresh_token"] == reply["refresh_token"]
+    assert not [r for r in logs.records if r.levelno >= logging.ERROR]

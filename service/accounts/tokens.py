@@ -10,11 +10,12 @@ The lease must last as long as the holder may still spend the token or store its
 or a second process would spend the token again, be refused, and kill an account the first
 one has just refreshed. So while it exchanges and stores, the holder renews its lease in the
 background every third of the lease's length; and the exchange itself is bounded well inside
-one lease length, so the lease outlives it even if no renewal gets through. A refused token
-marks the account ``reauth_required`` only if its ``tokens_version`` is still the one the
-exchange started from: if it moved, someone else stored fresh tokens meanwhile, and those are
-returned instead. The lease is released only by its owner (``release_lease`` checks), so a
-holder whose lease was lost frees nobody else's.
+one lease length, so the lease outlives it even if no renewal gets through. After a successful
+exchange the old refresh token is spent, so storing the new tokens is retried for a bounded
+time while the lease is ours. A refused token marks the account ``reauth_required`` only if
+its ``tokens_version`` is still the one the exchange started from: if it moved, someone else
+stored fresh tokens meanwhile, and those are returned instead. The lease is released only by
+its owner (``release_lease`` checks), so a holder whose lease was lost frees nobody else's.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ LEASE_SECONDS = 30.0
 # shared client's own timeouts are per read, not per exchange: a trickling reply outlasts them.)
 EXCHANGE_SECONDS = 20.0
 WAIT_SECONDS = 20.0
+STORE_RETRY_DELAYS = (0.05, 1.0)  # first and longest pause between attempts to store
 # The upstream says the refresh token can never work again: only a re-import helps.
 DEAD_GRANT_ERRORS = frozenset(
     {"invalid_grant", "refresh_token_reused", "refresh_token_expired", "refresh_token_invalidated"}
@@ -249,16 +251,7 @@ class TokenManager:
                     fresh = await self._exchange(tokens)
                 except _DeadGrant:
                     return await self._refused(account_id, version)
-                written = await self.accounts.update(
-                    account_id,
-                    {"tokens": seal(self.box, fresh)},
-                    only_if=("tokens_version", str(version)),
-                    increment="tokens_version",
-                )
-                if written <= 0:
-                    raise RefreshFailed("account changed while its token was refreshed")
-                log.info("refreshed the access token of account %s", account_id)
-                return version + 1, fresh
+                return await self._store_fresh(account_id, version, fresh, lease)
             finally:
                 await lease.release()
 
@@ -275,6 +268,48 @@ class TokenManager:
             return await self._stored(account_id)
         log.warning("account %s needs re-import: its refresh token was refused", account_id)
         raise ReauthRequired(f"account {account_id} needs to be imported again")
+
+    async def _store_fresh(
+        self, account_id: str, version: int, fresh: Tokens, lease: _Lease
+    ) -> tuple[int, Tokens]:
+        """Store tokens just exchanged. The old refresh token is spent, so these are the
+        account's only working ones: a passing store failure is retried for up to one lease
+        length, and only while the lease is surely ours (no other process is exchanging)."""
+        sealed = seal(self.box, fresh)
+        give_up = time.monotonic() + self.lease_seconds
+        delay, longest = STORE_RETRY_DELAYS
+        while True:
+            try:
+                written = await self.accounts.update(
+                    account_id,
+                    {"tokens": sealed},
+                    only_if=("tokens_version", str(version)),
+                    increment="tokens_version",
+                )
+                break
+            except StoreUnavailable:
+                # Keep a margin: the lease may lapse between our check and the next attempt.
+                stop = min(give_up, lease.held_until - self.lease_seconds / 10)
+                now = time.monotonic()
+                if now >= stop:
+                    log.error(
+                        "account %s: its token was refreshed but the new tokens could not be "
+                        "stored; its old refresh token is spent, so it may need re-import",
+                        account_id,
+                    )
+                    raise RefreshFailed("the refreshed tokens could not be stored") from None
+                log.warning("account %s: storing refreshed tokens failed; retrying", account_id)
+                await asyncio.sleep(min(delay, stop - now))
+                delay = min(delay * 2, longest)
+        if written == 0:
+            # An attempt that failed on the way back may have written after all.
+            stored_version, stored = await self._stored(account_id)
+            if stored == fresh:
+                written = stored_version
+        if written <= 0:
+            raise RefreshFailed("account changed while its token was refreshed")
+        log.info("refreshed the access token of account %s", account_id)
+        return version + 1, fresh
 
     async def _exchange(self, tokens: Tokens) -> Tokens:
         body = {
