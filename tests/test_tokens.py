@@ -1,5 +1,6 @@
 """Token refresh against the (respx-faked) OAuth server, with a real redis-server: before expiry,
-after an upstream 401, dead refresh tokens, and single flight across two processes."""
+after an upstream 401, dead refresh tokens, single flight across two processes, and the refresh
+that must not lose a healthy account (a slow or hung exchange, a lost race, a failing store)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import pytest
 import redis
 import respx
 
-from service.accounts.tokens import CLIENT_ID, SCOPE, ReauthRequired, RefreshFailed
+from service.accounts.tokens import CLIENT_ID, SCOPE, ReauthRequired, RefreshFailed, TokenManager
+from service.errors import StoreUnavailable
 from tests.conftest import AppHarness
 from tests.factories import AUTH_CLAIM, auth_json, jwt
 from tests.test_accounts import (
@@ -101,8 +103,8 @@ def expected_body(refresh_token: str) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     ("expires_in", "refreshes"),
-    [(-30, True), (60, True), (240, True), (400, False), (3600, False)],
-    ids=["expired", "1min", "4min", "6min", "1h"],
+    [(-30, True), (60, True), (240, True), (299, True), (300, False), (400, False), (3600, False)],
+    ids=["expired", "1min", "4min", "4m59s", "5min", "6min", "1h"],
 )
 async def test_access_token_refreshed_when_it_expires_within_5_minutes(
     harness: AppHarness,
@@ -110,10 +112,14 @@ async def test_access_token_refreshed_when_it_expires_within_5_minutes(
     raw_redis: redis.Redis,
     prefix: str,
     logs: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
     expires_in: float,
     refreshes: bool,
 ) -> None:
-    doc = auth_json(access_exp=time.time() + expires_in)
+    # The manager's clock stands still: the boundary cases do not depend on the test's pace.
+    now = float(int(time.time()))  # whole seconds, as in a JWT's exp
+    monkeypatch.setattr(harness.services.tokens, "clock", lambda: now)
+    doc = auth_json(access_exp=now + expires_in)
     old = tokens_of(doc)
     reply = new_tokens("a")
     account_id = await import_one(harness, doc)
@@ -201,7 +207,10 @@ async def test_upstream_401_refreshes_once_and_retries(
     raw_redis: redis.Redis,
     prefix: str,
     logs: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    now = time.time()
+    monkeypatch.setattr(harness.services.tokens, "clock", lambda: now)
     doc = auth_json()  # valid for an hour, but revoked upstream
     account_id = await import_one(harness, doc)
     # An opaque access token: its expiry comes from expires_in; no new refresh token either.
@@ -209,7 +218,6 @@ async def test_upstream_401_refreshes_once_and_retries(
     with respx.mock(assert_all_called=False) as mock:
         token = mock.post(TOKEN_URL).respond(200, json=reply)
         models = mock.get(MODELS).mock(side_effect=models_accepting("opaque-access-token-new"))
-        before = time.time()
         r = await admin.get("/v1/models")
         assert r.status_code == 200, r.text
         assert [m["id"] for m in r.json()["data"]] == ["gpt-5.1-codex", "gpt-5.1-codex-mini"]
@@ -227,7 +235,8 @@ async def test_upstream_401_refreshes_once_and_retries(
     # Kept: the upstream sent no new refresh or id token.
     assert sealed["refresh_token"] == "rt-secret-1"
     assert sealed["id_token"] == tokens_of(doc)["id_token"]
-    assert before + 1800 - 5 <= sealed["access_expires_at"] <= time.time() + 1800 + 1
+    assert sealed["access_expires_at"] == now + 1800
+    assert sealed["refreshed_at"] == now
     secrets = secrets_of(doc) | {"opaque-access-token-new"}
     assert_no_secret(dump(raw_redis, prefix), secrets, "Redis")
     assert_no_secret(logs.text, secrets, "the log")
@@ -483,3 +492,267 @@ async def test_a_refresh_that_lost_the_race_returns_the_winners_tokens(
         assert refresh_bodies(token)[1]["refresh_token"] == reply["refresh_token"]
     assert second.refresh_token == "rt-new-second"
     assert account_hash(raw_redis, prefix, account_id)[b"tokens_version"] == b"3"
+
+
+# --- a refresh never kills a healthy account --------------------------------------------------
+
+REUSED = {
+    "error": {
+        "message": "Your refresh token has already been used",
+        "type": "invalid_request_error",
+        "code": "refresh_token_reused",
+    }
+}
+
+
+def manager(h: AppHarness, **options: Any) -> TokenManager:
+    """Another token manager of process ``h`` (its own in-process lock), e.g. a short lease."""
+    svc = h.services
+    return TokenManager(
+        svc.store, svc.account_store, svc.box, svc.http, h.config.auth_base_url, **options
+    )
+
+
+def renewals_running() -> list[str]:
+    return [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("renew lease:")]
+
+
+async def test_a_refresh_that_outlives_its_lease_keeps_it_and_is_the_only_exchange(
+    harness: AppHarness,
+    admin: httpx.AsyncClient,
+    raw_redis: redis.Redis,
+    prefix: str,
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    """A slow exchange renews its lease: a second process waits for it instead of spending the
+    same single-use refresh token again (which the upstream would refuse, killing the account)."""
+    lease = 0.3
+    account_id = await import_one(harness, auth_json())
+    reply = new_tokens("slow")
+    spent: set[str] = set()
+    in_flight = asyncio.Event()
+
+    async def exchange(request: httpx.Request) -> httpx.Response:
+        refresh_token = json.loads(request.content)["refresh_token"]
+        if refresh_token in spent:
+            return httpx.Response(401, json=REUSED)
+        spent.add(refresh_token)
+        in_flight.set()
+        await asyncio.sleep(lease * 4)  # the upstream is slow: longer than the lease
+        return httpx.Response(200, json=reply)
+
+    with respx.mock(assert_all_called=False) as mock:
+        token = mock.post(TOKEN_URL).mock(side_effect=exchange)
+        async with AppHarness(harness.config) as other:
+            await wait_live(other, lambda a: account_id in a)
+            a = manager(harness, lease_seconds=lease, exchange_seconds=5.0)
+            b = manager(other, lease_seconds=lease, exchange_seconds=5.0)
+            first = asyncio.create_task(a.refresh(account_id, 1))
+            await in_flight.wait()
+            second = await b.refresh(account_id, 1)  # asked while A's exchange is in flight
+            first_result = await first
+        assert first_result == second
+        assert token.call_count == 1
+        assert refresh_bodies(token) == [expected_body("rt-secret-1")]
+    assert second.access_token == reply["access_token"]
+    assert second.refresh_token == reply["refresh_token"]
+    stored = account_hash(raw_redis, prefix, account_id)
+    assert stored[b"status"] == b"active"
+    assert stored[b"tokens_version"] == b"2"
+    assert opened(raw_redis, prefix, account_id)["refresh_token"] == reply["refresh_token"]
+    assert not raw_redis.exists(f"{prefix}lease:refresh:{account_id}")
+    assert renewals_running() == []  # the renewal stopped with the refresh
+    assert "needs re-import" not in logs.text
+
+
+async def test_a_refused_refresh_token_does_not_kill_an_account_someone_else_refreshed(
+    harness: AppHarness,
+    admin: httpx.AsyncClient,
+    raw_redis: redis.Redis,
+    prefix: str,
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    """B's exchange is refused as reused because A spent the token and stored fresh ones
+    meanwhile (A's lease was lost, e.g. to a Redis failover): B returns A's tokens and the
+    account stays active."""
+    account_id = await import_one(harness, auth_json())
+    reply = new_tokens("a")
+    lease_key = f"{prefix}lease:refresh:{account_id}"
+    a_exchanging, b_exchanging = asyncio.Event(), asyncio.Event()
+    a_task: asyncio.Task[Any] | None = None
+
+    async def exchange(request: httpx.Request) -> httpx.Response:
+        nonlocal a_task
+        if not a_exchanging.is_set():  # A's exchange
+            assert raw_redis.delete(lease_key) == 1  # A's lease is lost
+            a_exchanging.set()
+            await b_exchanging.wait()
+            return httpx.Response(200, json=reply)
+        b_exchanging.set()  # B's exchange: it is refused once A has stored its tokens
+        assert a_task is not None
+        await a_task
+        assert raw_redis.hget(f"{prefix}account:{account_id}", "tokens_version") == b"2"
+        return httpx.Response(401, json=REUSED)
+
+    with respx.mock(assert_all_called=False) as mock:
+        token = mock.post(TOKEN_URL).mock(side_effect=exchange)
+        async with AppHarness(harness.config) as other:
+            await wait_live(other, lambda a: account_id in a)
+            a_task = asyncio.create_task(harness.services.tokens.refresh(account_id, 1))
+            await a_exchanging.wait()
+            b_tokens = await other.services.tokens.refresh(account_id, 1)
+            a_tokens = await a_task
+        assert token.call_count == 2
+        assert refresh_bodies(token) == [expected_body("rt-secret-1")] * 2
+    assert b_tokens == a_tokens
+    assert b_tokens.access_token == reply["access_token"]
+    stored = account_hash(raw_redis, prefix, account_id)
+    assert stored[b"status"] == b"active"
+    assert stored[b"tokens_version"] == b"2"
+    assert opened(raw_redis, prefix, account_id)["refresh_token"] == reply["refresh_token"]
+    assert not raw_redis.exists(lease_key)
+    assert "needs re-import" not in logs.text
+
+
+async def test_an_exchange_that_never_answers_fails_within_its_bound(
+    harness: AppHarness, admin: httpx.AsyncClient, raw_redis: redis.Redis, prefix: str
+) -> None:
+    bound = 0.5
+    account_id = await import_one(harness, auth_json())
+    before = account_hash(raw_redis, prefix, account_id)
+    asked: list[str] = []
+
+    async def never(request: httpx.Request) -> httpx.Response:
+        asked.append(json.loads(request.content)["refresh_token"])
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    with respx.mock(assert_all_called=False) as mock:
+        mock.post(TOKEN_URL).mock(side_effect=never)
+        tokens = manager(harness, exchange_seconds=bound)
+        started = time.monotonic()
+        with pytest.raises(RefreshFailed):
+            async with asyncio.timeout(bound + 3):  # a hang fails the test, not the run
+                await tokens.refresh(account_id, 1)
+        elapsed = time.monotonic() - started
+    assert asked == ["rt-secret-1"]  # (respx counts only calls that were answered)
+    assert bound <= elapsed < bound + 1
+    assert account_hash(raw_redis, prefix, account_id) == before  # still active, untouched
+    assert not raw_redis.exists(f"{prefix}lease:refresh:{account_id}")
+    assert renewals_running() == []
+
+
+def failing_token_stores(
+    monkeypatch: pytest.MonkeyPatch, h: AppHarness, times: int, *, written: bool = False
+) -> list[str]:
+    """The next ``times`` writes of an account's tokens fail as if Redis were unreachable
+    (``written``: after the write happened, as when the answer is lost)."""
+    store = h.services.account_store
+    update = store.update
+    failed: list[str] = []
+
+    async def flaky(account_id: str, values: Any, **options: Any) -> int:
+        if "tokens" in values and len(failed) < times:
+            failed.append(account_id)
+            if written:
+                await update(account_id, values, **options)
+            raise StoreUnavailable()
+        return await update(account_id, values, **options)
+
+    monkeypatch.setattr(store, "update", flaky)
+    return failed
+
+
+async def test_fresh_tokens_are_stored_on_retry_when_the_store_fails_once(
+    harness: AppHarness,
+    admin: httpx.AsyncClient,
+    raw_redis: redis.Redis,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a successful exchange the old refresh token is spent: losing the new tokens to a
+    passing store failure would lose the account."""
+    account_id = await import_one(harness, auth_json(access_exp=time.time() + 60))
+    reply = new_tokens("retry")
+    failed = failing_token_stores(monkeypatch, harness, times=1)
+    with respx.mock(assert_all_called=False) as mock:
+        token = mock.post(TOKEN_URL).respond(200, json=reply)
+        models = mock.get(MODELS).mock(side_effect=models_accepting(reply["access_token"]))
+        r = await admin.get("/v1/models")
+        assert r.status_code == 200, r.text
+        assert failed == [account_id]
+        assert token.call_count == 1
+        stored = account_hash(raw_redis, prefix, account_id)
+        assert stored[b"status"] == b"active"
+        assert stored[b"tokens_version"] == b"2"
+        sealed = opened(raw_redis, prefix, account_id)
+        assert {k: sealed[k] for k in ("access_token", "refresh_token", "id_token")} == {
+            k: reply[k] for k in ("access_token", "refresh_token", "id_token")
+        }
+        # The account keeps working on the stored tokens, without another exchange.
+        await wait_live(harness, lambda a: a[account_id].tokens_version == 2)
+        for _ in range(2):
+            assert (await admin.get("/v1/models")).status_code == 200
+        assert token.call_count == 1
+        assert {c.request.headers["authorization"] for c in models.calls} == {
+            f"Bearer {reply['access_token']}"
+        }
+    assert not raw_redis.exists(f"{prefix}lease:refresh:{account_id}")
+
+
+async def test_fresh_tokens_that_cannot_be_stored_fail_the_refresh_loudly_and_in_time(
+    harness: AppHarness,
+    admin: httpx.AsyncClient,
+    raw_redis: redis.Redis,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    lease = 0.6
+    account_id = await import_one(harness, auth_json())
+    before = account_hash(raw_redis, prefix, account_id)
+    reply = new_tokens("lost")
+    failed = failing_token_stores(monkeypatch, harness, times=1000)
+    with respx.mock(assert_all_called=False) as mock:
+        token = mock.post(TOKEN_URL).respond(200, json=reply)
+        tokens = manager(harness, lease_seconds=lease, exchange_seconds=0.4)
+        started = time.monotonic()
+        with pytest.raises(RefreshFailed):
+            await tokens.refresh(account_id, 1)
+        elapsed = time.monotonic() - started
+        assert token.call_count == 1
+    assert len(failed) > 1  # retried
+    assert elapsed < lease + 0.5  # no longer than the lease
+    assert account_hash(raw_redis, prefix, account_id) == before
+    assert not raw_redis.exists(f"{prefix}lease:refresh:{account_id}")
+    assert renewals_running() == []
+    errors = [r.getMessage() for r in logs.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert account_id in errors[0]
+    assert_no_secret(logs.text, reply_secrets(reply), "the log")
+
+
+async def test_a_store_whose_answer_was_lost_is_not_taken_for_a_conflict(
+    harness: AppHarness,
+    admin: httpx.AsyncClient,
+    raw_redis: redis.Redis,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    """The first store wrote, but its answer was lost: the retry's compare-and-set fails on our
+    own write, which must count as stored, not as someone else's change."""
+    account_id = await import_one(harness, auth_json())
+    reply = new_tokens("landed")
+    failed = failing_token_stores(monkeypatch, harness, times=1, written=True)
+    with respx.mock(assert_all_called=False) as mock:
+        token = mock.post(TOKEN_URL).respond(200, json=reply)
+        fresh = await harness.services.tokens.refresh(account_id, 1)
+        assert token.call_count == 1
+    assert failed == [account_id]
+    assert fresh.access_token == reply["access_token"]
+    stored = account_hash(raw_redis, prefix, account_id)
+    assert stored[b"status"] == b"active"
+    assert stored[b"tokens_version"] == b"2"
+    assert opened(raw_redis, prefix, account_id)["refresh_token"] == reply["refresh_token"]
+    assert not [r for r in logs.records if r.levelno >= logging.ERROR]

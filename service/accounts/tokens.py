@@ -5,20 +5,34 @@ lose it (``refresh_token_reused``). So a refresh takes a short Redis lease for t
 whoever holds it exchanges the token and stores the result with a compare-and-set on the
 account's ``tokens_version``. Everyone else, in this process (a lock) or another (the lease),
 waits and then reads the tokens the winner stored.
+
+The lease must last as long as the holder may still spend the token or store its successor,
+or a second process would spend the token again, be refused, and kill an account the first
+one has just refreshed. So while it exchanges and stores, the holder renews its lease in the
+background every third of the lease's length; and the exchange itself is bounded well inside
+one lease length, so the lease outlives it even if no renewal gets through. After a successful
+exchange the old refresh token is spent, so storing the new tokens is retried for a bounded
+time while the lease is ours. A refused token marks the account ``reauth_required`` only if
+its ``tokens_version`` is still the one the exchange started from: if it moved, someone else
+stored fresh tokens meanwhile, and those are returned instead. The lease is released only by
+its owner (``release_lease`` checks), so a holder whose lease was lost frees nobody else's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 
 import httpx
 import msgspec
 
 from service.accounts.authjson import AuthJsonError, jwt_claims
 from service.accounts.live import AccountState
+from service.errors import StoreUnavailable
 from service.redis_accounts import AccountStore
 from service.redis_store import Store
 from service.secret_box import SecretBox
@@ -30,7 +44,11 @@ CLIENT_ID = "app_EMoamEEZ73f0CkXaXp7hrann"
 SCOPE = "openid profile email"
 REFRESH_MARGIN_SECONDS = 300.0
 LEASE_SECONDS = 30.0
+# Well inside the lease, so the lease outlives the exchange even if every renewal fails. (The
+# shared client's own timeouts are per read, not per exchange: a trickling reply outlasts them.)
+EXCHANGE_SECONDS = 20.0
 WAIT_SECONDS = 20.0
+STORE_RETRY_DELAYS = (0.05, 1.0)  # first and longest pause between attempts to store
 # The upstream says the refresh token can never work again: only a re-import helps.
 DEAD_GRANT_ERRORS = frozenset(
     {"invalid_grant", "refresh_token_reused", "refresh_token_expired", "refresh_token_invalidated"}
@@ -70,6 +88,10 @@ class RefreshFailed(Exception):
     """A passing failure (network, upstream 5xx, lease wait timed out); try again later."""
 
 
+class _DeadGrant(Exception):
+    """The upstream refused the refresh token for good."""
+
+
 _tokens_decoder = msgspec.json.Decoder(Tokens)
 _reply_decoder = msgspec.json.Decoder(_OAuthReply)
 _error_decoder = msgspec.json.Decoder(_OAuthError)
@@ -106,6 +128,55 @@ def _error_code(response: httpx.Response) -> str:
     return error or ""
 
 
+class _Lease:
+    """A refresh lease: renewed in the background while held, released only if still ours."""
+
+    def __init__(self, store: Store, name: str, seconds: float):
+        self.store = store
+        self.name = name
+        self.owner = secrets.token_hex(8)
+        self.seconds = seconds
+        # Until when the lease is surely ours (monotonic): the last grant we know of, counted
+        # from before we asked for it. 0 while not held, or once lost.
+        self.held_until = 0.0
+        self._renewal: asyncio.Task[None] | None = None
+
+    async def acquire(self) -> bool:
+        asked = time.monotonic()
+        if not await self.store.acquire_lease(self.name, self.owner, self.seconds):
+            return False
+        self.held_until = asked + self.seconds
+        self._renewal = asyncio.create_task(self._renew(), name=f"renew lease:{self.name}")
+        return True
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(self.seconds / 3)
+            asked = time.monotonic()
+            try:
+                ours = await self.store.renew_lease(self.name, self.owner, self.seconds)
+            except StoreUnavailable:
+                # Not lost yet: the last grant still runs, and the next renewal may get through.
+                log.warning("could not renew the lease %s: the store is unavailable", self.name)
+                continue
+            if not ours:
+                log.warning("lost the lease %s while refreshing", self.name)
+                self.held_until = 0.0
+                return
+            self.held_until = asked + self.seconds
+
+    async def release(self) -> None:
+        if self._renewal is not None:
+            self._renewal.cancel()
+            # wait(), not await: a cancellation of our own caller must still reach it.
+            await asyncio.wait([self._renewal])
+            self._renewal = None
+        self.held_until = 0.0
+        # If the store is down the lease simply expires; the refresh's outcome stands.
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.release_lease(self.name, self.owner)
+
+
 class TokenManager:
     def __init__(
         self,
@@ -114,19 +185,29 @@ class TokenManager:
         box: SecretBox,
         http: httpx.AsyncClient,
         auth_base_url: str,
+        *,
+        lease_seconds: float = LEASE_SECONDS,
+        exchange_seconds: float = EXCHANGE_SECONDS,
+        clock: Callable[[], float] = time.time,
     ):
+        """``lease_seconds`` is the refresh lease's length (renewed every third of it while
+        held); ``exchange_seconds`` bounds one exchange with the OAuth server; ``clock`` is the
+        wall clock that decides expiry."""
         self.store = store
         self.accounts = accounts
         self.box = box
         self.http = http
         self.token_url = f"{auth_base_url}/oauth/token"
+        self.lease_seconds = lease_seconds
+        self.exchange_seconds = exchange_seconds
+        self.clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def get_as(self, account: AccountState, url: str) -> httpx.Response:
         """GET an upstream control route as ``account``: its token refreshed first if about to
         expire, and once more (then retried) if the upstream refuses it."""
         version, tokens = account.tokens_version, open_tokens(self.box, account.sealed_tokens)
-        if tokens.expiring():
+        if tokens.expiring(self.clock()):
             version, tokens = await self._refresh(account.id, version)
         response = await self.http.get(url, headers=account_headers(tokens, account))
         if response.status_code == 401:
@@ -152,9 +233,9 @@ class TokenManager:
             version, tokens = await self._stored(account_id)
             if version > seen_version:
                 return version, tokens
-            lease, owner = f"refresh:{account_id}", secrets.token_hex(8)
+            lease = _Lease(self.store, f"refresh:{account_id}", self.lease_seconds)
             deadline = time.monotonic() + WAIT_SECONDS
-            while not await self.store.acquire_lease(lease, owner, LEASE_SECONDS):
+            while not await lease.acquire():
                 # Another process is exchanging this account's token: wait for its result.
                 await asyncio.sleep(0.05)
                 version, tokens = await self._stored(account_id)
@@ -166,21 +247,71 @@ class TokenManager:
                 version, tokens = await self._stored(account_id)
                 if version > seen_version:
                     return version, tokens
-                fresh = await self._exchange(account_id, tokens)
+                try:
+                    fresh = await self._exchange(tokens)
+                except _DeadGrant:
+                    return await self._refused(account_id, version)
+                return await self._store_fresh(account_id, version, fresh, lease)
+            finally:
+                await lease.release()
+
+    async def _refused(self, account_id: str, version: int) -> tuple[int, Tokens]:
+        """The token we started from was refused: the account needs re-import, unless someone
+        stored newer tokens meanwhile (then the refusal says only that they spent ours)."""
+        marked = await self.accounts.update(
+            account_id, {"status": "reauth_required"}, only_if=("tokens_version", str(version))
+        )
+        if marked < 0:
+            raise ReauthRequired(f"account {account_id} no longer exists")
+        if marked == 0:
+            log.info("account %s: refresh token refused, but newer tokens were stored", account_id)
+            return await self._stored(account_id)
+        log.warning("account %s needs re-import: its refresh token was refused", account_id)
+        raise ReauthRequired(f"account {account_id} needs to be imported again")
+
+    async def _store_fresh(
+        self, account_id: str, version: int, fresh: Tokens, lease: _Lease
+    ) -> tuple[int, Tokens]:
+        """Store tokens just exchanged. The old refresh token is spent, so these are the
+        account's only working ones: a passing store failure is retried for up to one lease
+        length, and only while the lease is surely ours (no other process is exchanging)."""
+        sealed = seal(self.box, fresh)
+        give_up = time.monotonic() + self.lease_seconds
+        delay, longest = STORE_RETRY_DELAYS
+        while True:
+            try:
                 written = await self.accounts.update(
                     account_id,
-                    {"tokens": seal(self.box, fresh)},
+                    {"tokens": sealed},
                     only_if=("tokens_version", str(version)),
                     increment="tokens_version",
                 )
-                if written <= 0:
-                    raise RefreshFailed("account changed while its token was refreshed")
-                log.info("refreshed the access token of account %s", account_id)
-                return version + 1, fresh
-            finally:
-                await self.store.release_lease(lease, owner)
+                break
+            except StoreUnavailable:
+                # Keep a margin: the lease may lapse between our check and the next attempt.
+                stop = min(give_up, lease.held_until - self.lease_seconds / 10)
+                now = time.monotonic()
+                if now >= stop:
+                    log.error(
+                        "account %s: its token was refreshed but the new tokens could not be "
+                        "stored; its old refresh token is spent, so it may need re-import",
+                        account_id,
+                    )
+                    raise RefreshFailed("the refreshed tokens could not be stored") from None
+                log.warning("account %s: storing refreshed tokens failed; retrying", account_id)
+                await asyncio.sleep(min(delay, stop - now))
+                delay = min(delay * 2, longest)
+        if written == 0:
+            # An attempt that failed on the way back may have written after all.
+            stored_version, stored = await self._stored(account_id)
+            if stored == fresh:
+                written = stored_version
+        if written <= 0:
+            raise RefreshFailed("account changed while its token was refreshed")
+        log.info("refreshed the access token of account %s", account_id)
+        return version + 1, fresh
 
-    async def _exchange(self, account_id: str, tokens: Tokens) -> Tokens:
+    async def _exchange(self, tokens: Tokens) -> Tokens:
         body = {
             "grant_type": "refresh_token",
             "client_id": CLIENT_ID,
@@ -188,20 +319,23 @@ class TokenManager:
             "scope": SCOPE,
         }
         try:
-            response = await self.http.post(self.token_url, json=body)
+            async with asyncio.timeout(self.exchange_seconds):
+                response = await self.http.post(self.token_url, json=body)
+        except TimeoutError:
+            raise RefreshFailed(
+                f"token refresh got no answer within {self.exchange_seconds:g} s"
+            ) from None
         except httpx.HTTPError as exc:
             raise RefreshFailed(f"token refresh failed: {type(exc).__name__}") from None
         if response.status_code in (400, 401) and _error_code(response) in DEAD_GRANT_ERRORS:
-            await self.accounts.update(account_id, {"status": "reauth_required"})
-            log.warning("account %s needs re-import: its refresh token was refused", account_id)
-            raise ReauthRequired(f"account {account_id} needs to be imported again")
+            raise _DeadGrant()
         if response.status_code != 200:
             raise RefreshFailed(f"token refresh answered {response.status_code}")
         try:
             reply = _reply_decoder.decode(response.content)
         except msgspec.DecodeError:
             raise RefreshFailed("token refresh answered an unreadable body") from None
-        now = time.time()
+        now = self.clock()
         expires_at = access_expiry(reply.access_token)
         if expires_at is None and reply.expires_in is not None:
             expires_at = now + reply.expires_in
