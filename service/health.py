@@ -41,6 +41,7 @@ ENDPOINTS = [
         "operations",
         response=LiveView,
         auth="none",
+        store=False,
     ),
     Endpoint(
         "GET",
@@ -50,6 +51,8 @@ ENDPOINTS = [
         "operations",
         response=ReadyView,
         auth="none",
-        errors=(503,),
+        store=False,
+        # Starting or draining: the same body, with the status saying "not ready".
+        other_responses={503: ReadyView},
     ),
 ]
