@@ -85,7 +85,14 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         log.warning("Redis is not reachable yet; starting anyway (not ready until it is)")
         token = None
     print(f"codex-lb {__version__} listening on http://{args.host}:{args.port}", flush=True)
-    if token:
+    if token and config.bootstrap_token:
+        # Given through the environment: never printed or logged (CONTRACT §3).
+        print(
+            "First run: set the dashboard password with the bootstrap token in "
+            "CODEX_LB_DASHBOARD_BOOTSTRAP_TOKEN",
+            flush=True,
+        )
+    elif token:
         print(f"First run: set the dashboard password with bootstrap token {token}", flush=True)
     return serve(args.host, args.port, max(1, args.workers))
 

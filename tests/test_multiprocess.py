@@ -265,6 +265,21 @@ def test_serve_with_three_worker_processes(
         terminate_tree(proc)
 
 
+def test_serve_never_prints_a_bootstrap_token_from_the_environment(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """CONTRACT §3; it showed in the serve log of the schemathesis step (scripts/fuzz.py)."""
+    proc = ServeProcess(env, log_dir=tmp_path)
+    try:
+        proc.wait_ready()
+    finally:
+        assert proc.terminate() == 0
+    log = proc.log()
+    assert "First run" in log
+    assert "CODEX_LB_DASHBOARD_BOOTSTRAP_TOKEN" in log
+    assert BOOTSTRAP_TOKEN not in log
+
+
 # --- sessions across processes ------------------------------------------------------------------
 
 
