@@ -29,8 +29,7 @@ from service.errors import (
     MethodNotAllowed,
     NotFound,
     ServiceError,
-    dashboard_error_response,
-    openai_error_response,
+    error_response,
 )
 from service.live import LiveSettings
 from service.proxy import routes as proxy_routes
@@ -44,8 +43,6 @@ from service.state import Services
 from service.upstream import make_client
 
 log = logging.getLogger(__name__)
-
-PROXY_PREFIXES = ("/v1/", "/backend-api/")
 
 
 def endpoints() -> list[Endpoint]:
@@ -61,15 +58,9 @@ def endpoints() -> list[Endpoint]:
     return table
 
 
-def _error_response(request: Request, exc: ServiceError) -> Response:
-    if request.url.path.startswith(PROXY_PREFIXES):
-        return openai_error_response(exc)
-    return dashboard_error_response(exc)
-
-
 async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
-    return _error_response(request, exc)
+    return error_response(request.url.path, exc)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -78,16 +69,19 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         mapped = NotFound()
     elif exc.status_code == 405:
-        mapped = MethodNotAllowed()
+        # Starlette's 405 names the route's methods in ``Allow`` (HEAD along with GET); keep
+        # them, in an order that does not change from one process to the next.
+        allow = (exc.headers or {}).get("Allow", "")
+        mapped = MethodNotAllowed(", ".join(sorted(m.strip() for m in allow.split(",") if m)))
     else:
         mapped = ServiceError()
         mapped.status = exc.status_code
-    return _error_response(request, mapped)
+    return error_response(request.url.path, mapped)
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return _error_response(request, ServiceError())
+    return error_response(request.url.path, ServiceError())
 
 
 def create_app(config: Config) -> Starlette:

@@ -7,6 +7,7 @@
     ├── Unauthorized             401 (and TotpRequired, InvalidCredentials, ...)
     ├── CsrfRejected             403
     ├── NotFound                 404
+    ├── MethodNotAllowed         405 (carries Allow)
     ├── SettingsConflict         409
     ├── PayloadTooLarge          413
     ├── UnsupportedMediaType     415
@@ -26,6 +27,10 @@ import msgspec
 from starlette.responses import Response
 
 _encoder = msgspec.json.Encoder()
+
+# Proxy routes answer in the OpenAI envelope (so OpenAI SDKs and the Codex CLI can show the
+# error); everything else in the dashboard one. /openapi.json documents each route by this too.
+PROXY_PREFIXES = ("/v1/", "/backend-api/")
 
 
 class ServiceError(Exception):
@@ -82,6 +87,10 @@ class NotFound(ServiceError):
 
 class MethodNotAllowed(ServiceError):
     status, code, message = 405, "method_not_allowed", "Method not allowed"
+
+    def __init__(self, allow: str):
+        # RFC 9110: a 405 says which methods the resource does support.
+        super().__init__(headers={"Allow": allow})
 
 
 class SettingsConflict(ServiceError):
@@ -183,3 +192,14 @@ def openai_error_response(exc: ServiceError, *, error_type: str | None = None) -
     return Response(
         _encoder.encode(body), exc.status, headers=exc.headers, media_type="application/json"
     )
+
+
+def is_proxy_path(path: str) -> bool:
+    return path.startswith(PROXY_PREFIXES)
+
+
+def error_response(path: str, exc: ServiceError) -> Response:
+    """``exc`` in the envelope of the route family ``path`` belongs to."""
+    if is_proxy_path(path):
+        return openai_error_response(exc)
+    return dashboard_error_response(exc)

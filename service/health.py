@@ -47,6 +47,7 @@ ENDPOINTS = [
         "operations",
         response=LiveView,
         auth="none",
+        store=False,
     ),
     Endpoint(
         "GET",
@@ -56,6 +57,8 @@ ENDPOINTS = [
         "operations",
         response=ReadyView,
         auth="none",
-        errors=(503,),
+        store=False,
+        # Starting or draining: the same body, with the status saying "not ready".
+        other_responses={503: ReadyView},
     ),
 ]

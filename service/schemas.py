@@ -30,7 +30,9 @@ class Response(msgspec.Struct, kw_only=True):
 
 Password = Annotated[str, Meta(min_length=8, max_length=1024)]
 TotpCode = Annotated[str, Meta(min_length=1, max_length=16)]
-Version = Annotated[int, Meta(ge=0)]
+# Any JSON number without a fraction, 3.0 as well as 3: JSON Schema (and so /openapi.json) counts
+# both as integers. Decoded as a float, so only up to where floats are still exact.
+Version = Annotated[float, Meta(ge=0, le=2**53, multiple_of=1)]
 Token = Annotated[str, Meta(min_length=1, max_length=1024)]
 
 

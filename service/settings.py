@@ -182,7 +182,7 @@ def _expected_version(request: Request, update: SettingsUpdate) -> int | None:
         if match is None:
             raise SettingsConflict('If-Match must be a quoted version, e.g. "3"')
         from_header = int(match.group(1))
-    from_body = None if update.expected_version is UNSET else update.expected_version
+    from_body = None if update.expected_version is UNSET else int(update.expected_version)
     if from_header is not None and from_body is not None and from_header != from_body:
         raise SettingsConflict("If-Match and expected_version name different versions")
     return from_header if from_header is not None else from_body
@@ -255,7 +255,6 @@ ENDPOINTS = [
         "Current settings",
         "settings",
         response=SettingsView,
-        errors=(401, 503),
         headers={"ETag": '"<version>"'},
     ),
     Endpoint(
@@ -266,7 +265,7 @@ ENDPOINTS = [
         "settings",
         request=SettingsUpdate,
         response=SettingsView,
-        errors=(400, 401, 403, 409, 413, 415, 422, 503),
+        errors=(InvalidTotpConfig, SettingsConflict),
         query=(("wait", "true: answer once every live process has the new version"),),
         headers={"ETag": '"<version>"', "X-Propagation": "<applied>/<live>"},
     ),
@@ -277,7 +276,6 @@ ENDPOINTS = [
         "Which version every live process has applied",
         "settings",
         response=PropagationView,
-        errors=(401, 503),
     ),
     Endpoint(
         "GET",
@@ -286,6 +284,5 @@ ENDPOINTS = [
         "Settings changes, newest first",
         "settings",
         response=SettingsHistory,
-        errors=(401, 503),
     ),
 ]

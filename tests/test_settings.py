@@ -282,6 +282,21 @@ async def test_current_version_is_accepted(admin: httpx.AsyncClient) -> None:
     assert r.json()["version"] == 3
 
 
+async def test_expected_version_is_any_json_number_without_a_fraction(
+    admin: httpx.AsyncClient,
+) -> None:
+    """JSON has one kind of number: 1.0 names version 1 as 1 does (schemathesis sent 124.0)."""
+    r = await admin.put("/api/settings", json={**REQUIRED, "expected_version": 1.0})
+    assert r.status_code == 200, r.text
+    r = await admin.put("/api/settings", json={**REQUIRED, "expected_version": 1.0})
+    assert r.status_code == 409
+    assert r.json()["error"]["message"] == "Settings are at version 2, not 1"
+    for bad in (2.5, -1, 2**60, True):
+        r = await admin.put("/api/settings", json={**REQUIRED, "expected_version": bad})
+        assert r.status_code == 422, (bad, r.text)
+        assert "$.expected_version" in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("header", ['"2"', "abc", '"1", "2"'])
 async def test_if_match_that_does_not_name_the_current_version_conflicts(
     admin: httpx.AsyncClient, header: str

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -20,6 +20,25 @@ PLAN_TYPES = frozenset({"free", "plus", "pro", "team", "business", "enterprise",
 
 class AuthJsonError(ValueError):
     """The document is not a usable auth.json; the message says why (never a token)."""
+
+
+# Not blank: ``parse`` strips each token and refuses an empty one.
+_Token = Annotated[str, msgspec.Meta(pattern=r"\S")]
+
+
+class AuthJsonTokens(msgspec.Struct):
+    id_token: _Token
+    access_token: _Token
+    refresh_token: _Token
+    account_id: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class AuthJsonDocument(msgspec.Struct):
+    """What /openapi.json says an auth.json is: the Codex CLI's ``~/.codex/auth.json`` (other
+    fields are allowed). ``parse`` reads the file itself, more leniently (camelCase names too),
+    and also needs the id_token to be a JWT naming the account and an email."""
+
+    tokens: AuthJsonTokens
 
 
 class ParsedAuth(msgspec.Struct, frozen=True, kw_only=True):

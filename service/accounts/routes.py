@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from service.accounts import authjson
-from service.accounts.authjson import AuthJsonError, ParsedAuth
+from service.accounts.authjson import AuthJsonDocument, AuthJsonError, ParsedAuth
 from service.accounts.live import AccountState, parse_account
 from service.accounts.tokens import Tokens, seal
 from service.errors import (
@@ -237,8 +237,10 @@ ENDPOINTS = [
         import_accounts,
         "Import Codex CLI auth.json files (multipart parts named auth_json, or one JSON)",
         "accounts",
+        request=AuthJsonDocument,
+        upload=PART_NAME,
         response=ImportResults,
-        errors=(400, 401, 403, 413, 415, 503),
+        errors=(InvalidAuthJson,),
     ),
     Endpoint(
         "GET",
@@ -247,7 +249,6 @@ ENDPOINTS = [
         "List accounts (never a token)",
         "accounts",
         response=AccountList,
-        errors=(401, 503),
     ),
     Endpoint(
         "POST",
@@ -256,7 +257,7 @@ ENDPOINTS = [
         "Pause an account",
         "accounts",
         response=AccountView,
-        errors=(401, 403, 404, 503),
+        errors=(NotFound,),
     ),
     Endpoint(
         "POST",
@@ -265,7 +266,7 @@ ENDPOINTS = [
         "Resume a paused account",
         "accounts",
         response=AccountView,
-        errors=(401, 403, 404, 503),
+        errors=(NotFound,),
     ),
     Endpoint(
         "DELETE",
@@ -274,6 +275,6 @@ ENDPOINTS = [
         "Delete an account",
         "accounts",
         status=204,
-        errors=(401, 403, 404, 503),
+        errors=(NotFound,),
     ),
 ]

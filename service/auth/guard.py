@@ -26,6 +26,16 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PUBLIC_PREFIXES = ("/api/dashboard-auth/", "/api/codex/usage")
 
 
+# Which requests the guard judges, by path and method; /openapi.json documents the 401, 403 and
+# 503 answers from these same two functions, so the document cannot drift from the guard.
+def checks_origin(method: str, path: str) -> bool:
+    return path.startswith("/api/") and method.upper() not in SAFE_METHODS
+
+
+def requires_session(path: str) -> bool:
+    return path.startswith("/api/") and not path.startswith(PUBLIC_PREFIXES)
+
+
 class DashboardGuard:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -43,8 +53,9 @@ class DashboardGuard:
         conn = HTTPConnection(scope)
         svc: Services = scope["app"].state.services
         try:
-            self._check_origin(conn, svc)
-            if not scope["path"].startswith(PUBLIC_PREFIXES):
+            if checks_origin(scope["method"], scope["path"]):
+                self._check_origin(conn, svc)
+            if requires_session(scope["path"]):
                 session = await sessions.resolve(svc.store, svc.config, conn)
                 if session is None:
                     raise Unauthorized()
@@ -57,8 +68,6 @@ class DashboardGuard:
 
     @staticmethod
     def _check_origin(conn: HTTPConnection, svc: Services) -> None:
-        if conn.scope["method"] in SAFE_METHODS:
-            return
         if conn.headers.get("sec-fetch-site") == "cross-site":
             raise CsrfRejected()
         origin = conn.headers.get("origin")

@@ -20,6 +20,7 @@ from service.errors import (
     InvalidTotpCode,
     InvalidTotpConfig,
     PasswordAlreadyConfigured,
+    RateLimited,
     Unauthorized,
 )
 from service.http import drain_empty_body, json_response, read_json
@@ -197,8 +198,6 @@ async def totp_disable(request: Request) -> Response:
     return json_response(await _session_view(svc, session))
 
 
-_LIMITED = (400, 401, 413, 415, 422, 429, 503)
-
 ENDPOINTS = [
     Endpoint(
         "GET",
@@ -218,7 +217,7 @@ ENDPOINTS = [
         request=PasswordSetup,
         response=SessionView,
         auth="none",
-        errors=(*_LIMITED, 409),
+        errors=(InvalidBootstrapToken, RateLimited, PasswordAlreadyConfigured),
     ),
     Endpoint(
         "POST",
@@ -229,7 +228,7 @@ ENDPOINTS = [
         request=PasswordLogin,
         response=SessionView,
         auth="none",
-        errors=_LIMITED,
+        errors=(InvalidCredentials, RateLimited),
     ),
     Endpoint(
         "POST",
@@ -239,7 +238,7 @@ ENDPOINTS = [
         "auth",
         request=PasswordChange,
         response=SessionView,
-        errors=_LIMITED,
+        errors=(InvalidCredentials, RateLimited),
     ),
     Endpoint(
         "POST",
@@ -257,7 +256,7 @@ ENDPOINTS = [
         "Start TOTP enrolment: secret, otpauth URI, QR code",
         "auth",
         response=TotpSetupView,
-        errors=(400, 401, 503),
+        errors=(InvalidTotpConfig,),
     ),
     Endpoint(
         "POST",
@@ -267,7 +266,7 @@ ENDPOINTS = [
         "auth",
         request=TotpCodeBody,
         response=SessionView,
-        errors=_LIMITED,
+        errors=(InvalidTotpCode, RateLimited),
     ),
     Endpoint(
         "POST",
@@ -278,7 +277,7 @@ ENDPOINTS = [
         request=TotpCodeBody,
         response=SessionView,
         auth="pending",
-        errors=_LIMITED,
+        errors=(InvalidTotpCode, RateLimited),
     ),
     Endpoint(
         "POST",
@@ -288,6 +287,6 @@ ENDPOINTS = [
         "auth",
         request=TotpCodeBody,
         response=SessionView,
-        errors=_LIMITED,
+        errors=(InvalidTotpCode, RateLimited),
     ),
 ]

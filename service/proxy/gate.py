@@ -26,6 +26,11 @@ KEYLESS_REFUSED = (
 )
 
 
+def gated(path: str) -> bool:
+    """Whether the gate judges ``path`` (/openapi.json documents its 401 and 503 from this)."""
+    return path.startswith(GATED_PREFIXES)
+
+
 def bearer(conn: HTTPConnection) -> str | None:
     value = conn.headers.get("authorization", "")
     scheme, _, token = value.partition(" ")
@@ -58,7 +63,7 @@ class ApiKeyGate:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(GATED_PREFIXES):
+        if scope["type"] == "http" and gated(scope["path"]):
             try:
                 admit(scope["app"].state.services, HTTPConnection(scope))
             except ServiceError as exc:

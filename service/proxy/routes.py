@@ -151,7 +151,7 @@ ENDPOINTS = [
         "proxy",
         response=ModelList,
         auth="api_key",
-        errors=(401, 502, 503),
+        errors=(UpstreamError, NoAccounts),
     ),
     Endpoint(
         "GET",
@@ -161,5 +161,6 @@ ENDPOINTS = [
         "proxy",
         response=PoolUsage,
         auth="none",
+        store=False,  # answered from this process's live copy of the accounts
     ),
 ]
