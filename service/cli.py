@@ -21,6 +21,7 @@ from service.embedded_redis import EmbeddedRedisError, embedded_redis
 from service.errors import ServiceError
 from service.live import LiveSettings
 from service.logs import configure
+from service.records import initial_settings
 from service.redis_store import open_store
 from service.secret_box import KeyError_, SecretBox, load_key
 from service.settings import reset_settings
@@ -114,6 +115,9 @@ async def _admin(config: Config, action: str) -> int:
     async with open_store(config.redis_url, config.redis_prefix) as store:
         creds = Credentials(store, box, config.bootstrap_token)
         await creds.check_key_fingerprint()
+        # An admin command may be the first thing a deployment ever runs (set-password before
+        # the first serve): its state must not make the settings look lost later.
+        await store.initialise_settings(initial_settings())
         if action == "set-password":
             password = sys.stdin.readline().rstrip("\r\n")
             if not 8 <= len(password) <= 1024:

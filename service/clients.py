@@ -2,10 +2,11 @@
 ``CODEX_LB_TRUSTED_PROXY_CIDRS`` peers (CONTRACT §7).
 
 The client address is the socket peer, or, when the peer is a trusted proxy, the first address
-from the right of ``X-Forwarded-For`` that is not a trusted proxy. A trusted peer that sends no
-usable ``X-Forwarded-For`` has no client address at all (``None``): the caller could be anyone
-behind that proxy, so it must neither count as the proxy itself nor share one bucket with
-every other such caller. IPv4-mapped IPv6 addresses compare as IPv4 everywhere.
+from the right of ``X-Forwarded-For`` that is not a trusted proxy (the leftmost hop when all are
+trusted). A trusted peer that sends no usable ``X-Forwarded-For`` has no client address at all
+(``None``): the caller could be anyone behind that proxy, so it must neither count as the proxy
+itself nor share one bucket with every other such caller. IPv4-mapped IPv6 addresses compare as
+IPv4 everywhere.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def client_address(conn: HTTPConnection, trusted: tuple[Network, ...]) -> Addres
         return ip
     # Every header line counts: a proxy may append a line of its own rather than a hop.
     hops = [h for line in conn.headers.getlist("x-forwarded-for") for h in line.split(",")]
+    forwarded: Address | None = None
     for hop in reversed(hops):
         forwarded = parse(hop)
         if forwarded is None:
@@ -54,7 +56,9 @@ def client_address(conn: HTTPConnection, trusted: tuple[Network, ...]) -> Addres
             return None
         if not within(forwarded, trusted):
             return forwarded
-    return None
+    # Every hop is in a trusted range (a client inside the cluster's own range, behind the
+    # ingress): the leftmost one, as the first trusted proxy recorded it. None without hops.
+    return forwarded
 
 
 def direct_loopback(conn: HTTPConnection, trusted: tuple[Network, ...]) -> bool:

@@ -19,6 +19,19 @@ DEFAULT_UPSTREAM_BASE_URL = "https://chatgpt.com/backend-api"
 DEFAULT_AUTH_BASE_URL = "https://auth.openai.com"
 
 
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def ipv4_if_mapped(net: Network) -> Network:
+    """``::ffff:a.b.c.d/N`` as the IPv4 network it means: addresses are compared as IPv4, so
+    a mapped network would otherwise match nothing (CONTRACT §7)."""
+    if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(_MAPPED) and net.prefixlen >= 96:
+        mapped = net.network_address.ipv4_mapped
+        assert mapped is not None
+        return ipaddress.IPv4Network((mapped, net.prefixlen - 96))
+    return net
+
+
 class ConfigError(ValueError):
     """A ``CODEX_LB_*`` variable has a value we cannot use."""
 
@@ -73,7 +86,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             raw = get(name) or ""
             try:
                 return tuple(
-                    ipaddress.ip_network(part.strip(), strict=False)
+                    ipv4_if_mapped(ipaddress.ip_network(part.strip(), strict=False))
                     for part in raw.split(",")
                     if part.strip()
                 )

@@ -6,9 +6,10 @@ the epoch it holds; a gap means a message was lost, so it reloads a consistent s
 reconcile loop's ``check`` catches a lost last message.
 
 A copy never goes back (CONTRACT §4): syncs are serialised, and a snapshot older than the copy
-within the same epoch is dropped (a message got ahead of the read). A different epoch means
-the store was reset (a flush, a restore from a backup): the copy follows the store, whatever
-the version numbers say.
+only because messages were applied while it was being read is dropped. A different epoch means
+the store was reset (a flush, a restore from a backup), and a snapshot older than the copy was
+before the read means the store lost its newest writes: either way the copy follows the store,
+which is what the dashboard shows and edits.
 """
 
 from __future__ import annotations
@@ -68,10 +69,25 @@ class VersionedCopy(abc.ABC):
 
     async def sync(self) -> None:
         async with self._lock:
+            before = self.version
             snapshot = await self._snapshot()
             same_epoch = snapshot.epoch == self.epoch
-            if same_epoch and self.version is not None and snapshot.version < self.version:
-                return
+            if (
+                same_epoch
+                and before is not None
+                and self.version is not None
+                and before <= snapshot.version < self.version
+            ):
+                return  # messages got ahead of this read while it was under way: keep them
+            if same_epoch and before is not None and snapshot.version < before:
+                # Older than what we had before reading: the store lost writes (a restart from
+                # an older append-only file or snapshot). The store is the truth.
+                log.warning(
+                    "%s: the store went back from version %s to %s; following it",
+                    self.channel,
+                    before,
+                    snapshot.version,
+                )
             if not same_epoch and self.epoch:
                 log.warning(
                     "%s: the store was reset (epoch %s -> %s); following it at version %s",

@@ -21,9 +21,11 @@ class SettingsRecord(msgspec.Struct, kw_only=True, frozen=True):
     # A plain string, not the enum: a newer pod may know a strategy this one does not.
     routing_strategy: str = "usage_weighted"
     import_without_overwrite: bool = False
-    totp_required_on_login: bool = False
+    # No defaults for the two that guard access: a stored record that does not say is refused
+    # as unreadable, never read as "off".
+    totp_required_on_login: bool
     totp_configured: bool = False
-    api_key_auth_enabled: bool = False
+    api_key_auth_enabled: bool
 
 
 # The fields a settings change compares and reports in its history.
@@ -34,7 +36,9 @@ SETTINGS_FIELDS: tuple[str, ...] = tuple(
 
 def initial_settings() -> SettingsRecord:
     """The record a brand-new deployment starts with (never a fallback for a lost one)."""
-    return SettingsRecord(version=1, changed_at=time.time())
+    return SettingsRecord(
+        version=1, changed_at=time.time(), totp_required_on_login=False, api_key_auth_enabled=False
+    )
 
 
 class HistoryEntry(msgspec.Struct, kw_only=True, frozen=True):

@@ -88,11 +88,12 @@ redis.call('PUBLISH', ARGV[1],
 return version
 """
 
-# KEYS: index set, version key, epoch key. ARGV: account key prefix, a new epoch in case there
-# is none. One consistent read of everything: {epoch, version, id, hash, id, hash, ...}.
-_SNAPSHOT = """
-redis.call('SET', KEYS[3], ARGV[2], 'NX')
-local out = {redis.call('GET', KEYS[3]), redis.call('GET', KEYS[2]) or '0'}
+# KEYS: index set, version key, epoch key. ARGV: account key prefix. One consistent read of
+# everything: {epoch or '', version, id, hash, id, hash, ...}. Flagged no-writes (Redis 7), so
+# it also runs when Redis turns writes away (out of memory, a read-only replica): a live copy
+# must load whenever Redis can be read.
+_SNAPSHOT = """#!lua flags=no-writes
+local out = {redis.call('GET', KEYS[3]) or '', redis.call('GET', KEYS[2]) or '0'}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   out[#out + 1] = id
   out[#out + 1] = redis.call('HGETALL', ARGV[1] .. id)
@@ -198,7 +199,7 @@ class AccountStore:
         """Epoch, version and every account's fields by its key, in one consistent read."""
         keys = [self.index_key, self.version_key, self.epoch_key]
         raw: list[Any] = await self.store.call(
-            lambda: self._snapshot(keys=keys, args=[self.account_prefix, new_epoch()])
+            lambda: self._snapshot(keys=keys, args=[self.account_prefix])
         )
         rows = {text(i): _fields(flat) for i, flat in zip(raw[2::2], raw[3::2], strict=True)}
         return text(raw[0]), int(raw[1]), rows

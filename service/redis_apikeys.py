@@ -2,15 +2,16 @@
 
 Every change is one Lua script that writes, bumps the version and publishes the changed record
 (or its deletion) with that version, so a live copy can apply changes one by one and knows it
-missed one when a version is skipped. An epoch (a random id made when the collection is first
-written or read) stands beside the version: a flush or a restore from a backup gives a new
-epoch, so a live copy tells "the store was reset" from "this snapshot is stale" without
-guessing from version numbers. Only the SHA-256 of a key is ever stored.
+missed one when a version is skipped. An epoch (a random id made by the first write after the
+store began, or after it was flushed) stands beside the version: a flush or a restore from a
+backup gives a new epoch, so a live copy tells "the store was reset" from "this snapshot is
+stale" without guessing from version numbers. Only the SHA-256 of a key is ever stored.
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -45,6 +46,15 @@ local epoch = redis.call('GET', KEYS[3])
 redis.call('PUBLISH', ARGV[4], '{"version":' .. version .. ',"epoch":' .. cjson.encode(epoch) ..
   ',"id":' .. cjson.encode(id) .. ',"record":' .. body .. '}')
 return {version, record}
+"""
+
+
+# KEYS: epoch, version, records. One consistent read: {epoch or '', version, flat records}.
+# Flagged no-writes (Redis 7), so it also runs when Redis turns writes away (out of memory, a
+# read-only replica): a live copy must load whenever Redis can be read.
+_SNAPSHOT = """#!lua flags=no-writes
+return {redis.call('GET', KEYS[1]) or '', redis.call('GET', KEYS[2]) or '0',
+  redis.call('HGETALL', KEYS[3])}
 """
 
 
@@ -87,6 +97,7 @@ class ApiKeyStore:
         self.epoch_key = f"{store.prefix}apikeys:epoch"
         self.channel = f"{store.prefix}ch:apikeys"
         self._write = store.write_script(_WRITE)
+        self._snapshot = store.client.register_script(_SNAPSHOT)
 
     async def _run(self, op: str, key_id: str, payload: bytes) -> Any:
         keys = [self.records_key, self.version_key, self.epoch_key]
@@ -111,21 +122,13 @@ class ApiKeyStore:
         return text(epoch or b""), int(version or 0)
 
     async def snapshot(self) -> Snapshot:
-        """Epoch, version and every record, read in one transaction (a consistent set)."""
-
-        async def op() -> list[Any]:
-            async with self.store.client.pipeline(transaction=True) as pipe:
-                pipe.set(self.epoch_key, new_epoch(), nx=True)
-                pipe.get(self.epoch_key)
-                pipe.get(self.version_key)
-                pipe.hgetall(self.records_key)
-                result: list[Any] = await pipe.execute()
-                return result
-
-        _, epoch, version, raws = await self.store.call(op)
-        return Snapshot(
-            text(epoch), int(version or 0), {text(k): bytes(v) for k, v in raws.items()}
-        )
+        """Epoch, version and every record, in one consistent read."""
+        keys = [self.epoch_key, self.version_key, self.records_key]
+        epoch, version, flat = await self.store.call(lambda: self._snapshot(keys=keys))
+        # No epoch yet (nothing written since the store began): "" until the first write makes
+        # one, whose message then differs from it and makes copies reload. Reads never write.
+        records = {text(flat[i]): bytes(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return Snapshot(text(epoch), int(version), records)
 
     async def records(self) -> list[ApiKeyRecord]:
         """Every record that can be read, for the dashboard (a malformed one is left out)."""
@@ -139,7 +142,10 @@ def decode_record(key_id: str, raw: bytes | msgspec.Raw) -> ApiKeyRecord | None:
     if bytes(raw) == b"null":
         return None
     try:
-        return record_decoder.decode(raw)
-    except msgspec.DecodeError as exc:
+        record = record_decoder.decode(raw)
+        if record.expires_at is not None:
+            datetime.fromisoformat(record.expires_at)  # the copy compares it on every request
+    except (msgspec.DecodeError, ValueError) as exc:
         log.warning("skipped the malformed API key record %r: %s", key_id, exc)
         return None
+    return record

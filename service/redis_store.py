@@ -31,7 +31,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError, RedisError, ResponseError
+from redis.exceptions import (
+    DataError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 
 from service.errors import StoreError, StoreUnavailable
 from service.records import HistoryEntry, SessionRecord, SettingsRecord, WorkerRecord
@@ -160,6 +166,19 @@ return n
 """
 
 
+# Take a lease that is free, or already ours (a retried call must not find itself in the way).
+# KEYS: lease key. ARGV: owner, ttl ms.
+_LEASE_ACQUIRE = """
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+_SET_HASH_ONCE = """
+return redis.call('HSETNX', KEYS[1], 'password_hash', ARGV[1])
+"""
+
 # A lease is a key holding its owner's token; only the owner may extend or release it.
 # KEYS: lease key. ARGV: owner, ttl ms ('0' = release).
 _LEASE_OWNED = """
@@ -167,6 +186,14 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[2] == '0' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 1
 """
+
+
+def _refused_before_running(exc: ResponseError) -> bool:
+    """Redis turned the command away whole (out of memory, a read-only replica, a failed
+    persistence, still loading): nothing ran, and trying again later may work."""
+    if isinstance(exc, OutOfMemoryError | ReadOnlyError):
+        return True
+    return str(exc).startswith(("MISCONF", "OOM", "READONLY", "LOADING", "MASTERDOWN"))
 
 
 class Keep:
@@ -219,7 +246,9 @@ class Store:
         self._restore = client.register_script(_SETTINGS_RESTORE)
         self._attempt_begin = client.register_script(_ATTEMPT_BEGIN)
         self._attempt_refund = client.register_script(_ATTEMPT_REFUND)
-        self._totp_step = client.register_script(_TOTP_USE_STEP)
+        self._totp_step = self.write_script(_TOTP_USE_STEP)
+        self._password_if_absent = self.write_script(_SET_HASH_ONCE)
+        self._lease_acquire = client.register_script(_LEASE_ACQUIRE)
         self._session_touch = client.register_script(_SESSION_TOUCH)
         self._sessions_revoke = client.register_script(_SESSIONS_REVOKE)
         self._lease_owned = client.register_script(_LEASE_OWNED)
@@ -229,11 +258,14 @@ class Store:
 
     @staticmethod
     async def call(op: Callable[[], Awaitable[T]]) -> T:
-        """Run one Redis operation: connection trouble is ``StoreUnavailable`` (503), Redis
-        refusing it is ``StoreError`` (500, the cause logged, never shown)."""
+        """Run one Redis operation: connection trouble, or Redis turning the command away
+        before running it, is ``StoreUnavailable`` (503); Redis failing it (a script error, a
+        wrong type) is ``StoreError`` (500, the cause logged, never shown)."""
         try:
             return await op()
         except (ResponseError, DataError) as exc:
+            if isinstance(exc, ResponseError) and _refused_before_running(exc):
+                raise StoreUnavailable() from exc
             log.error("redis refused a command: %s", exc)
             raise StoreError() from exc
         except (RedisError, OSError) as exc:
@@ -375,10 +407,8 @@ class Store:
         return bool(await self.call(lambda: self.client.hexists(self.auth_key, "totp_secret")))
 
     async def set_password_if_absent(self, password_hash: str) -> bool:
-        ok = await self.call(
-            lambda: self.client.hsetnx(self.auth_key, "password_hash", password_hash)
-        )
-        return bool(ok)
+        # A script, so the client's retry after a lost reply answers "set", not "already set".
+        return bool(await self._password_if_absent([self.auth_key], [password_hash]))
 
     async def get(self, key: str) -> bytes | None:
         value = await self.call(lambda: self.client.get(key))
@@ -391,8 +421,7 @@ class Store:
         await self.call(lambda: self.client.delete(*keys))
 
     async def use_totp_step(self, step: int) -> bool:
-        ok = await self.call(lambda: self._totp_step(keys=[self.totp_step_key], args=[step]))
-        return bool(ok)
+        return bool(await self._totp_step([self.totp_step_key], [step]))
 
     # --- failed-attempt limits ------------------------------------------------------------------
 
@@ -422,9 +451,9 @@ class Store:
         return f"{self.prefix}lease:{name}"
 
     async def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
-        key = self.lease_key(name)
-        ms = int(ttl * 1000)
-        return bool(await self.call(lambda: self.client.set(key, owner, nx=True, px=ms)))
+        keys = [self.lease_key(name)]
+        args: list[ScriptArg] = [owner, max(1, int(ttl * 1000))]
+        return bool(await self.call(lambda: self._lease_acquire(keys=keys, args=args)))
 
     async def renew_lease(self, name: str, owner: str, ttl: float) -> bool:
         """Extend a lease we hold; False if it is not (or no longer) ours."""

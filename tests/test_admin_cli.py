@@ -221,3 +221,19 @@ async def test_bootstrap_token_generated_for_the_deployment(
         result = await run_admin(redis_url, prefix, tmp_path, "bootstrap-token", drop_env=no_env)
         assert result.returncode == 1
         assert token not in result.stdout
+
+
+async def test_set_password_before_the_first_serve_is_a_new_deployment(
+    redis_url: str, prefix: str, tmp_path: Path, raw_redis: redis.Redis
+) -> None:
+    """The password set from the CLI before any serve ran is not evidence of a lost record."""
+    result = await run_admin(redis_url, prefix, tmp_path, "set-password", stdin=NEW_PASSWORD)
+    assert result.returncode == 0, result.stderr
+    from tests.conftest import make_config
+
+    async with AppHarness(make_config(redis_url, prefix, tmp_path)) as h:
+        assert not h.services.live.settings_lost
+        assert h.services.live.get().version == 1
+        assert (await h.client.get("/health/ready")).status_code == 200
+        async with new_client(h) as c:
+            assert (await login(c, NEW_PASSWORD)).status_code == 200

@@ -758,6 +758,23 @@ async def test_key_auth_off_pod_cannot_claim_loopback_through_a_cluster_range(
         assert_invalid_key(await pod.get(MODELS))
 
 
+async def test_key_auth_off_client_inside_the_trusted_range(config: Config, tmp_path: Path) -> None:
+    """A pod in the cluster's range behind the ingress: every hop is trusted, so the client is
+    the leftmost one, and a listed range admits it."""
+    async with (
+        app_with_cidrs(
+            config, tmp_path, trusted=("10.0.0.0/8",), unauthenticated=("10.20.0.0/16",)
+        ) as h,
+        peer_client(h, "10.9.0.2") as ingress,
+    ):
+        r = await ingress.get(MODELS, headers={"X-Forwarded-For": "10.20.30.40"})
+        assert_admitted_no_accounts(r)
+        r = await ingress.get(MODELS, headers={"X-Forwarded-For": "10.20.30.40, 10.9.0.3"})
+        assert_admitted_no_accounts(r)
+        r = await ingress.get(MODELS, headers={"X-Forwarded-For": "10.30.0.1"})
+        assert_invalid_key(r)
+
+
 async def test_key_auth_off_unauthenticated_cidrs_through_a_trusted_proxy(
     config: Config, tmp_path: Path
 ) -> None:

@@ -60,3 +60,20 @@ def test_values_are_parsed() -> None:
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=f"CODEX_LB_{name}"):
         Config.from_env({f"CODEX_LB_{name}": value})
+
+
+def test_ipv4_mapped_networks_are_read_as_ipv4() -> None:
+    """Addresses are compared as IPv4 (CONTRACT §7), so a mapped network must be one too, or a
+    local nginx listed as ``::ffff:127.0.0.1`` would still pass as a direct loopback client."""
+    config = Config.from_env(
+        {
+            "CODEX_LB_TRUSTED_PROXY_CIDRS": "::ffff:127.0.0.1/128, ::ffff:10.0.0.0/104, ::1",
+            "CODEX_LB_PROXY_UNAUTHENTICATED_CLIENT_CIDRS": "::ffff:192.168.0.0/112",
+        }
+    )
+    assert config.trusted_proxy_cidrs == (
+        ipaddress.ip_network("127.0.0.1/32"),
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    assert config.proxy_unauthenticated_client_cidrs == (ipaddress.ip_network("192.168.0.0/16"),)

@@ -21,7 +21,7 @@ from service.app import create_app
 from service.config import Config
 from service.errors import NotReady, StoreUnavailable
 from service.live import LiveSettings
-from service.records import SettingsRecord
+from service.records import SettingsRecord, initial_settings
 from service.redis_store import Store, connect
 from service.settings import read_settings, write_settings
 from service.state import Services
@@ -277,7 +277,7 @@ async def test_an_older_record_put_back_is_overwritten_with_the_newer_one(
         assert known is not None
 
         # Someone writes the version-1 defaults back by hand, and announces them.
-        older = SettingsRecord(version=1, changed_at=time.time())
+        older = msgspec.structs.replace(initial_settings(), changed_at=time.time())
         data = msgspec.json.encode(older)
         raw.hset(f"{PREFIX}settings", mapping={"version": 1, "record": data})
         raw.publish(f"{PREFIX}ch:settings", data)

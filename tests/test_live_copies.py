@@ -95,21 +95,59 @@ async def test_a_message_ahead_of_a_snapshot_is_kept(
     keys, live = key_copy
     made = await create_key(keys, ApiKeyCreate(name="k"))
     await live.sync()
-    stale = await keys.snapshot()  # read before the revocation below
-    assert await keys.delete(made.id)
-    message = json.dumps(
+    read = keys.snapshot
+    revocation = json.dumps(
         {"version": 2, "epoch": live.epoch, "id": made.id, "record": None}
     ).encode()
-    live.on_message(message)
-    assert live.check_key(made.key) is None
 
-    async def old_read() -> Snapshot:
+    async def read_overtaken_by_a_message() -> Snapshot:
+        stale = await read()
+        # The revocation, and its message, land while this read is on its way back.
+        assert await keys.delete(made.id)
+        live.on_message(revocation)
         return stale
 
-    keys.snapshot = old_read  # type: ignore[method-assign]
+    keys.snapshot = read_overtaken_by_a_message  # type: ignore[method-assign]
     await live.sync()
     assert live.check_key(made.key) is None
     assert live.version == 2
+
+
+async def test_a_store_that_lost_its_newest_writes_is_followed(
+    key_copy: tuple[ApiKeyStore, LiveApiKeys], raw_redis: redis.Redis, prefix: str
+) -> None:
+    """Redis restarted from an append-only file a second behind (same epoch, lower version):
+    the copy follows it, so a key the dashboard can no longer see or revoke stops working, and
+    the next write's message is not mistaken for one already applied."""
+    keys, live = key_copy
+    kept = await create_key(keys, ApiKeyCreate(name="kept"))
+    lost = await create_key(keys, ApiKeyCreate(name="lost"))
+    await live.sync()
+    assert live.version == 2
+    raw_redis.hdel(f"{prefix}apikeys", lost.id)
+    raw_redis.set(f"{prefix}apikeys:version", 1)
+
+    await live.check()  # the reconcile tick (or the resubscribe after the restart)
+    assert live.version == 1
+    assert live.check_key(lost.key) is None
+    assert live.check_key(kept.key) is not None
+
+    assert await keys.patch(kept.id, {"is_active": False}) is not None  # version 2 again
+    await live.check()
+    assert live.version == 2
+    assert live.check_key(kept.key) is None
+
+
+async def test_one_unreadable_expiry_skips_only_that_key(
+    key_copy: tuple[ApiKeyStore, LiveApiKeys], raw_redis: redis.Redis, prefix: str
+) -> None:
+    keys, live = key_copy
+    made = [await create_key(keys, ApiKeyCreate(name=f"k{i}")) for i in range(5)]
+    record = json.loads(raw_redis.hget(f"{prefix}apikeys", made[2].id))  # type: ignore[arg-type]
+    record["expires_at"] = "next tuesday"
+    raw_redis.hset(f"{prefix}apikeys", made[2].id, json.dumps(record))
+    await live.sync()
+    assert [live.check_key(m.key) is not None for m in made] == [True, True, False, True, True]
 
 
 async def test_a_reset_store_is_followed_even_at_the_same_version(

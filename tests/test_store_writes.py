@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,7 +19,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.errors import StoreUnavailable
 from service.redis_store import Store, WriteScript
-from tests.conftest import AppHarness
+from tests.conftest import AppHarness, make_config, setup_password
+from tests.support import RedisServer
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -151,3 +153,23 @@ async def test_totp_disable_that_fails_keeps_secret_and_setting(
     restore_settings_writes(harness)
     settings = (await admin.get("/api/settings")).json()
     assert (settings["totp_configured"], settings["totp_required_on_login"]) == (True, True)
+
+
+async def test_redis_turning_writes_away_is_a_503(tmp_path: Path) -> None:
+    """Out of memory with noeviction (or a read-only replica, a failed save): Redis ran nothing,
+    so it is "unavailable, nothing was written", and the live copies still load (reads)."""
+    server = RedisServer().start()
+    try:
+        async with AppHarness(make_config(server.url, "oom:", tmp_path)) as h:
+            await setup_password(h.client)
+            server.client().config_set("maxmemory", "1")
+            try:
+                r = await h.client.post("/api/api-keys", json={"name": "k"})
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["code"] == "store_unavailable"
+                await h.services.api_keys.sync()
+                await h.services.accounts.sync()
+            finally:
+                server.client().config_set("maxmemory", "0")
+    finally:
+        server.stop()

@@ -44,9 +44,11 @@ CLIENT_ID = "app_EMoamEEZ73f0CkXaXp7hrann"
 SCOPE = "openid profile email"
 REFRESH_MARGIN_SECONDS = 300.0
 LEASE_SECONDS = 30.0
-# Well inside the lease, so the lease outlives the exchange even if every renewal fails. (The
-# shared client's own timeouts are per read, not per exchange: a trickling reply outlasts them.)
-EXCHANGE_SECONDS = 20.0
+# The lease is renewed while an exchange runs, so the bound need not fit inside it: it only ends
+# an exchange that is truly stuck. Giving up early would be worse than waiting: the upstream may
+# still spend the single-use refresh token, and then nobody has the new one. (The shared
+# client's own timeouts are per read, not per exchange: a trickling reply outlasts them.)
+EXCHANGE_SECONDS = 120.0
 WAIT_SECONDS = 20.0
 STORE_RETRY_DELAYS = (0.05, 1.0)  # first and longest pause between attempts to store
 # The upstream says the refresh token can never work again: only a re-import helps.
