@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from service import __version__
 from service.auth.credentials import Credentials
 from service.config import Config, ConfigError
-from service.embedded_redis import EmbeddedRedisError, embedded_redis
+from service.embedded_redis import EmbeddedRedisError, Owner, embedded_redis
 from service.errors import ServiceError
 from service.live import LiveSettings
 from service.logs import configure
@@ -57,12 +57,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _redis(config: Config) -> Iterator[Config]:
+def _redis(config: Config, owner: Owner) -> Iterator[Config]:
     """The config with a Redis URL: the configured one, or the embedded server's."""
     if config.redis_url:
         yield config
         return
-    with embedded_redis(config.data_dir) as url:
+    with embedded_redis(config.data_dir, owner=owner) as url:
         # Worker processes read their configuration from the environment. The URL carries the
         # embedded server's password: fine there (only our user reads our environment), never
         # in a log line.
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = Config.from_env()
         configure(config.log_format)
-        with _redis(config) as config:
+        with _redis(config, "serve" if args.command == "serve" else "admin") as config:
             if args.command == "serve":
                 return _serve(config, args)
             return asyncio.run(_admin(config, args.action))

@@ -2,24 +2,36 @@
 
 It keeps its data in the data dir (tightened to mode 700: it holds the append-only file, the
 Redis password and the generated encryption key) with append-only persistence, and is stopped
-when we exit. It listens on a Unix socket in the data dir, or on 127.0.0.1 when that path does
-not fit in ``sun_path``, and always requires a password, on the socket as well (defence in
-depth): a random one generated once into ``redis.password`` (mode 600). The password reaches
-redis-server through its stdin, never its command line (which ``ps`` shows to every user), and
-reaches us in the URL we yield; neither is ever logged.
+when we exit. It only ever listens on a Unix socket, never on TCP: a TCP port can be taken by
+any local user the moment our server is gone (or before it binds), and we would send the
+password to whoever holds it. The socket is ``redis.sock`` in the data dir or, when that path
+does not fit in ``sun_path``, in a short private directory
+``$TMPDIR/codex-lb-<uid>-<hash of the data dir>`` (mode 700; one we did not create that way is
+refused). It always requires a password, on the socket as well (defence in depth): a random one
+generated once into ``redis.password`` (mode 600). The password reaches redis-server through its
+stdin, never its command line (which ``ps`` shows to every user), and reaches us in the URL we
+yield; neither is ever logged.
 
 One server per data dir, never two on the same append-only file: whoever starts it holds an
 exclusive ``flock`` on ``redis.lock`` for the server's lifetime (redis-server inherits the lock,
 so it stays held until both are gone, even if we are killed) and records where it listens in
-``redis.json`` once it answers. Another process (an ``admin`` command, a second ``serve``) that
-finds the lock held uses the recorded server; one that gets the lock starts its own, and
-ignores any record left behind, which is stale by then.
+``redis.json`` once it answers, with who owns it (``serve`` or ``admin``, and that process's
+pid): the owner stops the server when it exits. One that gets the lock starts its own, and
+ignores any record left behind, which is stale by then. One that finds the lock held:
+
+- an ``admin`` command uses the recorded server (it is short-lived, and its owner outlives it
+  or is an admin command too);
+- a ``serve`` never uses a server that will be stopped under it: it waits for an admin-owned one
+  to go away (admin commands are short) and then starts its own, and refuses to run beside a
+  live ``serve`` that owns the server. It uses a server whose owning ``serve`` is dead (killed
+  with SIGKILL: its redis-server lives on, holding the lock), since nobody will stop that one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -29,9 +41,12 @@ import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 from urllib.parse import quote
 
 log = logging.getLogger(__name__)
@@ -41,6 +56,8 @@ STOP_TIMEOUT_SECONDS = 15.0
 # How long a process that finds the lock held waits for the holder's server to answer: it may
 # still be starting (loading a large append-only file).
 REUSE_TIMEOUT_SECONDS = 15.0
+# How long a serve waits for an admin command's server to go away before starting its own.
+ADMIN_WAIT_SECONDS = 30.0
 # sun_path is 108 bytes on Linux; leave room for the terminating NUL.
 MAX_SOCKET_PATH = 100
 
@@ -52,7 +69,14 @@ SOCKET_FILE = "redis.sock"
 # redis.conf line, and in a URL.
 _PASSWORD = re.compile(r"[A-Za-z0-9_-]{16,}")
 
-Address = str | tuple[str, int]
+Owner = Literal["serve", "admin"]
+
+
+@dataclass(frozen=True)
+class _Record:
+    socket: str
+    owner: str | None  # None: written by a codex-lb that did not record it
+    owner_pid: int | None
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -113,6 +137,37 @@ def _create_password(path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _socket_path(data_dir: Path) -> str:
+    """Where the server listens: in the data dir, or in a short private directory of ours when
+    that path does not fit in sun_path (never on TCP, see the module docstring)."""
+    path = str(data_dir / SOCKET_FILE)
+    if len(path) <= MAX_SOCKET_PATH:
+        return path
+    # Deterministic, so every codex-lb on this data dir computes the same one.
+    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
+    name = f"codex-lb-{os.getuid()}-{digest}"
+    base = Path(tempfile.gettempdir())
+    if len(str(base / name / SOCKET_FILE)) > MAX_SOCKET_PATH:
+        base = Path("/tmp")  # noqa: S108 (checked below like any other location)
+    private = base / name
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(private, mode=0o700)
+    # Made by someone else (who could then replace our socket, or read what we send it), or
+    # opened up: refuse rather than fix, since another user may already be in there. lstat: a
+    # symlink is refused too, wherever it points.
+    try:
+        st = os.lstat(private)
+    except OSError as exc:
+        raise EmbeddedRedisError(f"cannot use {private} for the redis socket: {exc}") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        raise EmbeddedRedisError(
+            f"{private} (for the redis socket, as the data dir path is too long for one) is not "
+            "a private directory of this user (mode 700, not a symlink); remove it, or use a "
+            "shorter CODEX_LB_DATA_DIR"
+        )
+    return str(private / SOCKET_FILE)
+
+
 def _command(*parts: str) -> bytes:
     out = [f"*{len(parts)}\r\n".encode()]
     for part in parts:
@@ -121,12 +176,11 @@ def _command(*parts: str) -> bytes:
     return b"".join(out)
 
 
-def _ping(address: Address, password: str) -> bool:
+def _ping(address: str, password: str) -> bool:
     """Whether a redis-server answers there with that password (and has loaded its data)."""
-    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
     expected = b"+OK\r\n+PONG\r\n"
     try:
-        with socket.socket(family, socket.SOCK_STREAM) as s:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(0.5)
             s.connect(address)
             s.sendall(_command("AUTH", password) + _command("PING"))
@@ -141,13 +195,6 @@ def _ping(address: Address, password: str) -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _listening(sock_path: str) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
@@ -157,35 +204,27 @@ def _listening(sock_path: str) -> bool:
         return True
 
 
-def _url(address: Address, password: str) -> str:
-    secret = quote(password, safe="")
-    if isinstance(address, str):
-        # redis-py reads the password from the userinfo of unix:// URLs too.
-        return f"unix://:{secret}@{quote(address)}"
-    host, port = address
-    return f"redis://:{secret}@{host}:{port}/0"
+def _url(address: str, password: str) -> str:
+    # redis-py reads the password from the userinfo of unix:// URLs too.
+    return f"unix://:{quote(password, safe='')}@{quote(address)}"
 
 
-def _describe(address: Address) -> str:
-    return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
-
-
-def _read_record(path: Path) -> Address | None:
+def _read_record(path: Path) -> _Record | None:
     try:
         record = json.loads(path.read_text())
-        if "unix" in record:
-            return str(record["unix"])
-        return str(record["host"]), int(record["port"])
-    except (OSError, ValueError, TypeError, KeyError):
-        return None  # not written yet, or being replaced
+        owner_pid = record.get("owner_pid")
+        return _Record(
+            socket=str(record["unix"]),
+            owner=None if record.get("owner") is None else str(record["owner"]),
+            owner_pid=None if owner_pid is None else int(owner_pid),
+        )
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        # Not written yet, being replaced, or naming a TCP port (an older codex-lb): never used.
+        return None
 
 
-def _write_record(path: Path, address: Address, pid: int) -> None:
-    record: dict[str, object] = {"pid": pid}
-    if isinstance(address, str):
-        record["unix"] = address
-    else:
-        record["host"], record["port"] = address
+def _write_record(path: Path, address: str, pid: int, owner: Owner) -> None:
+    record = {"pid": pid, "unix": address, "owner": owner, "owner_pid": os.getpid()}
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -194,21 +233,58 @@ def _write_record(path: Path, address: Address, pid: int) -> None:
     os.replace(tmp, path)  # readers see the old record or the new one, never half of one
 
 
-def _running_server(lock_fd: int, data_dir: Path, password: str) -> Address | None:
-    """The address of the server another process runs on this data dir, or None once we hold
-    the lock (then none runs, and we start one)."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, as another user
+    return True
+
+
+def _running_server(lock_fd: int, data_dir: Path, password: str, owner: Owner) -> str | None:
+    """The address of the server another process runs on this data dir that we may use, or
+    None once we hold the lock (then none runs, and we start one)."""
     deadline = time.monotonic() + REUSE_TIMEOUT_SECONDS
+    admin_deadline: float | None = None
     while True:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return None
         except BlockingIOError:
             pass
-        # Only trusted while the lock is held: a record whose owner is gone may name a port
-        # some other program has taken since, and we would send it the password.
-        address = _read_record(data_dir / RECORD_FILE)
-        if address is not None and _ping(address, password):
-            return address
+        # Only trusted while the lock is held: the holder wrote it.
+        record = _read_record(data_dir / RECORD_FILE)
+        if record is not None and _ping(record.socket, password):
+            if owner == "admin":
+                return record.socket
+            if record.owner == "admin":
+                # It stops its server when it is done: a serve on it would lose Redis then.
+                now = time.monotonic()
+                if admin_deadline is None:
+                    admin_deadline = now + ADMIN_WAIT_SECONDS
+                    log.info(
+                        "an admin command (pid %s) is using the embedded redis-server; "
+                        "waiting for it to finish",
+                        record.owner_pid,
+                    )
+                elif now > admin_deadline:
+                    raise EmbeddedRedisError(
+                        f"an admin command (pid {record.owner_pid}) has held the embedded "
+                        f"redis-server of {data_dir} for over {ADMIN_WAIT_SECONDS:g} s; wait "
+                        "for it to finish (or stop it) and try again"
+                    )
+                # Its server may take a moment to stop once it is done: time that from now.
+                deadline = now + REUSE_TIMEOUT_SECONDS
+            elif record.owner_pid is not None and _alive(record.owner_pid):
+                raise EmbeddedRedisError(
+                    f"another codex-lb serve is using this data dir (pid {record.owner_pid}); "
+                    "stop it first, or give this one its own CODEX_LB_DATA_DIR"
+                )
+            else:
+                # Its serve is gone (SIGKILL) and nobody will stop it: safe to share.
+                return record.socket
         if time.monotonic() > deadline:
             raise EmbeddedRedisError(
                 f"another process runs the embedded redis-server of {data_dir} (it holds "
@@ -219,8 +295,9 @@ def _running_server(lock_fd: int, data_dir: Path, password: str) -> Address | No
 
 
 @contextlib.contextmanager
-def embedded_redis(data_dir: Path) -> Iterator[str]:
-    """Start (or reuse) the private redis-server; yields its URL, password included."""
+def embedded_redis(data_dir: Path, *, owner: Owner) -> Iterator[str]:
+    """Start (or reuse) the private redis-server; yields its URL, password included. ``owner``
+    says which command asks: see the module docstring for how each shares a running server."""
     try:
         data_dir = _private_dir(data_dir)
         password = _password(data_dir)
@@ -231,28 +308,27 @@ def embedded_redis(data_dir: Path) -> Iterator[str]:
         # One line for the operator (e.g. a data dir of another user), not a traceback.
         raise EmbeddedRedisError(f"cannot use the data dir {data_dir}: {exc}") from None
     try:
-        running = _running_server(lock_fd, data_dir, password)
+        running = _running_server(lock_fd, data_dir, password, owner)
         if running is not None:
-            log.info("using the embedded redis-server already running on %s", _describe(running))
+            log.info("using the embedded redis-server already running on %s", running)
             yield _url(running, password)
             return
-        with _start(data_dir, password, lock_fd) as address:
+        with _start(data_dir, password, lock_fd, owner) as address:
             yield _url(address, password)
     finally:
         os.close(lock_fd)  # releases the lock, unless our redis-server still holds it
 
 
 @contextlib.contextmanager
-def _start(data_dir: Path, password: str, lock_fd: int) -> Iterator[Address]:
+def _start(data_dir: Path, password: str, lock_fd: int, owner: Owner) -> Iterator[str]:
     """Run redis-server for the block's duration (the caller holds the lock)."""
     record_path = data_dir / RECORD_FILE
     # Whoever wrote it is gone (the lock is ours): stale.
     record_path.unlink(missing_ok=True)
     redis_dir = data_dir / "redis"
     redis_dir.mkdir(exist_ok=True, mode=0o700)
-    sock_path = str(data_dir / SOCKET_FILE)
-    use_unix = len(sock_path) <= MAX_SOCKET_PATH
-    if use_unix and _listening(sock_path):
+    sock_path = _socket_path(data_dir)
+    if _listening(sock_path):
         # Not ours (we hold the lock): e.g. one started by an older codex-lb, without a lock.
         # A second server on the same append-only file would corrupt it.
         raise EmbeddedRedisError(
@@ -283,15 +359,9 @@ def _start(data_dir: Path, password: str, lock_fd: int) -> Iterator[Address]:
         "--protected-mode",
         "yes",
     ]
-    address: Address
-    if use_unix:
-        Path(sock_path).unlink(missing_ok=True)
-        args += ["--port", "0", "--unixsocket", sock_path, "--unixsocketperm", "700"]
-        address = sock_path
-    else:
-        port = _free_port()
-        args += ["--port", str(port), "--bind", "127.0.0.1"]
-        address = ("127.0.0.1", port)
+    Path(sock_path).unlink(missing_ok=True)  # left by a killed server (none listens there)
+    args += ["--port", "0", "--unixsocket", sock_path, "--unixsocketperm", "700"]
+    address = sock_path
 
     # Its own session: a Ctrl-C in the terminal reaches us, and we stop Redis last, after the
     # workers have finished their requests. It inherits the lock: if we are killed, the lock
@@ -320,11 +390,11 @@ def _start(data_dir: Path, password: str, lock_fd: int) -> Iterator[Address]:
             if time.monotonic() > deadline:
                 raise EmbeddedRedisError("redis-server did not start in time")
             time.sleep(0.05)
-        _write_record(record_path, address, proc.pid)
+        _write_record(record_path, address, proc.pid, owner)
         log.info(
             "embedded redis-server started (pid %s, on %s, data in %s)",
             proc.pid,
-            _describe(address),
+            address,
             redis_dir,
         )
         yield address

@@ -1,20 +1,20 @@
 """CONTRACT §1: the embedded redis-server is never open, and there is only ever one per data dir.
 
 Real ``codex-lb serve`` and ``codex-lb admin`` processes without ``CODEX_LB_REDIS_URL``, each
-with a data dir of its own: on the Unix socket, and on the loopback TCP fallback taken when the
-socket path would not fit in ``sun_path``. All traffic stays on loopback.
+with a data dir of its own: on the Unix socket in the data dir, and in the private socket
+directory taken when that path would not fit in ``sun_path`` (never TCP). Who owns a running
+server decides whether a ``serve`` may share it: never one that will be stopped under it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
-import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -31,7 +31,14 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from service import embedded_redis as embedded
-from tests.support import BOOTSTRAP_TOKEN, PASSWORD, ServeProcess, base_env, wait_until
+from tests.support import (
+    BOOTSTRAP_TOKEN,
+    PASSWORD,
+    ServeProcess,
+    base_env,
+    free_port,
+    wait_until,
+)
 
 AUTH = "/api/dashboard-auth"
 NEW_PASSWORD = "set by the operator 42"
@@ -58,13 +65,26 @@ def short_dir() -> Iterator[Path]:
 
 @pytest.fixture
 def long_dir() -> Iterator[Path]:
-    """A data dir whose socket path does not fit: the server falls back to 127.0.0.1 TCP."""
+    """A data dir whose socket path does not fit: the socket goes to a private directory."""
     top = Path(tempfile.mkdtemp(prefix="clb-"))
     path = top / ("d" * 60) / ("e" * 60)
     assert len(str(path.resolve() / "redis.sock")) > embedded.MAX_SOCKET_PATH
+    private = private_socket_dir(path)
+    assert not private.exists()
+    assert not private.is_symlink()
     yield path
     kill_servers_on(path)
     shutil.rmtree(top, ignore_errors=True)
+    if private.is_symlink():
+        private.unlink()
+    shutil.rmtree(private, ignore_errors=True)
+
+
+def private_socket_dir(data_dir: Path) -> Path:
+    """Where the socket of a data dir with a too long path goes (the operator may look for it:
+    spelled out here rather than imported)."""
+    digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"codex-lb-{os.getuid()}-{digest}"
 
 
 def embedded_env(data_dir: Path) -> dict[str, str]:
@@ -93,13 +113,24 @@ def kill_servers_on(data_dir: Path) -> None:
     wait_until(lambda: not redis_servers_on(data_dir), 5)
 
 
-def tcp_port_of(pid: int) -> int:
-    """The port a redis-server listens on, from the title it gives itself
-    (``redis-server 127.0.0.1:PORT``): works whatever wrote (or failed to write) a record."""
-    title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    match = re.search(r"127\.0\.0\.1:(\d+)", title)
-    assert match, title
-    return int(match.group(1))
+def tcp_listeners_of(pid: int) -> list[str]:
+    """The TCP addresses (hex, from /proc/net) a process listens on: its socket inodes that the
+    kernel's TCP tables list in state LISTEN (0A)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    assert inodes, "no sockets at all: not the process we meant"
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:
+                    found.append(fields[1])
+    return found
 
 
 def the_password(data_dir: Path) -> str:
@@ -159,13 +190,23 @@ def serving(data_dir: Path, log_dir: Path) -> Iterator[ServeProcess]:
 # --- the server requires a password ----------------------------------------------------------
 
 
-def test_tcp_fallback_requires_the_password(long_dir: Path, tmp_path: Path) -> None:
+def test_a_long_data_dir_gets_a_private_socket_dir_never_tcp(
+    long_dir: Path, tmp_path: Path
+) -> None:
+    private = private_socket_dir(long_dir)
+    sock = private / "redis.sock"
     with serving(long_dir, tmp_path) as proc:
         [server] = redis_servers_on(long_dir)
-        port = tcp_port_of(server)
+        # Nothing on TCP, where any local user could take the port and be sent the password.
+        assert tcp_listeners_of(server) == []
+        assert sock.is_socket()
         assert not (long_dir / "redis.sock").exists()
+        st = private.lstat()
+        assert stat.S_ISDIR(st.st_mode)
+        assert st.st_uid == os.getuid()
+        assert mode(private) == 0o700
 
-        stranger = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, retry=NO_RETRY)
+        stranger = redis.Redis(unix_socket_path=str(sock), socket_timeout=2, retry=NO_RETRY)
         try:
             assert_closed_without_password(stranger, "")
         finally:
@@ -176,12 +217,17 @@ def test_tcp_fallback_requires_the_password(long_dir: Path, tmp_path: Path) -> N
         assert mode(long_dir / PASSWORD_FILE) == 0o600
         assert mode(long_dir) == 0o700
         record = json.loads((long_dir / RECORD_FILE).read_text())
-        assert record == {"pid": server, "host": "127.0.0.1", "port": port}
+        assert record == {
+            "pid": server,
+            "unix": str(sock),
+            "owner": "serve",
+            "owner_pid": proc.proc.pid,
+        }
         assert mode(long_dir / RECORD_FILE) == 0o600
 
         # It is the server serve uses, and the password is what opens it.
         setup_password(proc)
-        owner = redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=2)
+        owner = redis.Redis(unix_socket_path=str(sock), password=password, socket_timeout=2)
         try:
             assert owner.hget("codexlb:auth", "password_hash")
         finally:
@@ -191,7 +237,7 @@ def test_tcp_fallback_requires_the_password(long_dir: Path, tmp_path: Path) -> N
 
     assert proc.proc.returncode == 0
     assert password not in proc.log()
-    assert "127.0.0.1:" in proc.log()  # the log says where it listens, without the password
+    assert str(sock) in proc.log()  # the log says where it listens, without the password
     assert not redis_servers_on(long_dir)
     assert not (long_dir / RECORD_FILE).exists()
 
@@ -235,7 +281,7 @@ def test_password_never_on_the_command_line_and_loose_modes_are_tightened(
         return real_popen(args, **kwargs)  # type: ignore[call-overload, no-any-return]
 
     monkeypatch.setattr(embedded.subprocess, "Popen", popen)
-    with embedded.embedded_redis(short_dir) as url:
+    with embedded.embedded_redis(short_dir, owner="serve") as url:
         assert mode(short_dir) == 0o700
         assert mode(password_file) == 0o600
         client = redis.Redis.from_url(url, socket_timeout=2)
@@ -253,8 +299,11 @@ def test_password_never_on_the_command_line_and_loose_modes_are_tightened(
 # --- one server per data dir -----------------------------------------------------------------
 
 
-def test_admin_uses_the_running_tcp_server(long_dir: Path, tmp_path: Path) -> None:
+def test_admin_uses_the_running_server_in_the_private_socket_dir(
+    long_dir: Path, tmp_path: Path
+) -> None:
     env = embedded_env(long_dir)
+    sock = private_socket_dir(long_dir) / "redis.sock"
     with serving(long_dir, tmp_path) as proc:
         [server] = redis_servers_on(long_dir)
         setup_password(proc)
@@ -280,7 +329,7 @@ def test_admin_uses_the_running_tcp_server(long_dir: Path, tmp_path: Path) -> No
                 lines.append(line)
                 if "embedded redis-server" in line:
                     break
-            assert "already running on 127.0.0.1:" in "".join(lines), lines
+            assert f"already running on {sock}" in "".join(lines), lines
             assert redis_servers_on(long_dir) == [server]
             out, err = child.communicate(NEW_PASSWORD + "\n", timeout=20)
         finally:
@@ -315,7 +364,9 @@ def test_admin_uses_the_running_unix_socket_server(short_dir: Path, tmp_path: Pa
 
 def test_a_killed_serves_server_is_still_the_one_used(long_dir: Path, tmp_path: Path) -> None:
     """serve SIGKILLed: its redis-server lives on (own session) and keeps the lock, so admin
-    uses it rather than starting a second server on the same append-only file."""
+    and the next serve use it rather than start a second server on the same append-only file
+    (nobody stops that server, so sharing it is safe)."""
+    sock = private_socket_dir(long_dir) / "redis.sock"
     proc = ServeProcess(embedded_env(long_dir), log_dir=tmp_path)
     try:
         proc.wait_ready()
@@ -328,50 +379,22 @@ def test_a_killed_serves_server_is_still_the_one_used(long_dir: Path, tmp_path: 
 
     result = admin(embedded_env(long_dir), "set-password", stdin=NEW_PASSWORD)
     assert result.returncode == 0, result.stderr
-    assert "already running on 127.0.0.1:" in result.stderr
+    assert f"already running on {sock}" in result.stderr
     assert redis_servers_on(long_dir) == [server]
     client = redis.Redis(
-        host="127.0.0.1",
-        port=tcp_port_of(server),
-        password=the_password(long_dir),
-        socket_timeout=2,
+        unix_socket_path=str(sock), password=the_password(long_dir), socket_timeout=2
     )
     try:
         assert client.scard("codexlb:sessions") == 0  # set-password ended the session there
     finally:
         client.close()
 
-
-class Imposter:
-    """Something else listening where a stale record points: it must never hear from us."""
-
-    def __init__(self, port: int):
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen()
-        self.sock.settimeout(0.1)
-        self.received: list[bytes] = []
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.settimeout(1)
-                with contextlib.suppress(OSError):
-                    self.received.append(conn.recv(4096))
-                    conn.sendall(b"+OK\r\n+PONG\r\n")
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.thread.join(5)
-        self.sock.close()
+    # Its owner (pid in the record) is dead: a new serve shares it, and leaves it running.
+    with serving(long_dir, tmp_path) as proc:
+        assert f"already running on {sock}" in proc.log()
+        assert login(proc, NEW_PASSWORD).status_code == 200
+    assert proc.proc.returncode == 0
+    assert redis_servers_on(long_dir) == [server]
 
 
 def test_a_stale_record_is_ignored_and_a_fresh_server_starts(
@@ -385,15 +408,11 @@ def test_a_stale_record_is_ignored_and_a_fresh_server_starts(
         proc.proc.kill()
         assert wait_until(lambda: not redis_servers_on(long_dir), 5)
     assert (long_dir / RECORD_FILE).exists()
+    assert Path(stale["unix"]).is_socket()  # left behind by the killed server
 
-    imposter = Imposter(stale["port"])
-    try:
-        result = admin(embedded_env(long_dir), "set-password", stdin=NEW_PASSWORD)
-    finally:
-        imposter.close()
+    result = admin(embedded_env(long_dir), "set-password", stdin=NEW_PASSWORD)
     assert result.returncode == 0, result.stderr
     assert "embedded redis-server started" in result.stderr
-    assert imposter.received == []  # the password went nowhere near it
     # admin stopped the server it started, and took its record with it.
     assert not redis_servers_on(long_dir)
     assert not (long_dir / RECORD_FILE).exists()
@@ -415,10 +434,150 @@ def test_lock_held_but_no_server_answers_is_a_clear_error(
         fcntl.flock(fd, fcntl.LOCK_EX)
         with (
             pytest.raises(embedded.EmbeddedRedisError, match="does not answer") as info,
-            embedded.embedded_redis(short_dir),
+            embedded.embedded_redis(short_dir, owner="serve"),
         ):
             pass
         assert "\n" not in str(info.value)
         assert not redis_servers_on(short_dir)
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("how", ["a symlink", "open to the group", "another user's"])
+def test_a_socket_dir_that_is_not_private_is_refused(
+    long_dir: Path, tmp_path: Path, how: str
+) -> None:
+    """In-process: the private socket dir sits in a world-writable /tmp, so someone else may
+    have made it first: refuse it (one line) rather than listen, or send the password, there."""
+    private = private_socket_dir(long_dir)
+    if how == "a symlink":
+        target = tmp_path / "elsewhere"
+        target.mkdir(mode=0o700)
+        private.symlink_to(target)
+    else:
+        private.mkdir(mode=0o700)
+        if how == "open to the group":
+            private.chmod(0o770)
+        elif os.getuid() == 0:
+            os.chown(private, 65534, -1)
+        else:
+            pytest.skip("only root can give a directory to another user")
+    with (
+        pytest.raises(embedded.EmbeddedRedisError, match="not a private directory") as info,
+        embedded.embedded_redis(long_dir, owner="admin"),
+    ):
+        pass
+    assert "\n" not in str(info.value)
+    assert not redis_servers_on(long_dir)
+    assert not list(private.iterdir())
+
+
+# --- who owns the server: a serve never shares one that will be stopped under it ------------
+
+
+@contextlib.contextmanager
+def admin_owned_server(data_dir: Path) -> Iterator[threading.Event]:
+    """An admin command's server, as ``codex-lb admin`` runs it (lock and all), in a thread:
+    it stops it once the event yielded is set."""
+    done = threading.Event()
+    up = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with embedded.embedded_redis(data_dir, owner="admin"):
+                up.set()
+                done.wait(60)
+        except BaseException as exc:  # reported in the test's thread
+            errors.append(exc)
+            up.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        assert up.wait(15)
+        assert not errors, errors
+        yield done
+    finally:
+        done.set()
+        thread.join(20)
+    assert not errors, errors
+
+
+def test_serve_waits_for_an_admin_commands_server_then_runs_its_own(
+    short_dir: Path, tmp_path: Path
+) -> None:
+    """Before: a serve started during an admin command shared the admin's server, which the
+    admin command stopped on exit, leaving serve without Redis."""
+    with admin_owned_server(short_dir) as admin_done:
+        [admin_server] = redis_servers_on(short_dir)
+        assert json.loads((short_dir / RECORD_FILE).read_text())["owner"] == "admin"
+        proc = ServeProcess(embedded_env(short_dir), log_dir=tmp_path)
+        try:
+            assert wait_until(lambda: "waiting for it to finish" in proc.log(), 15), proc.log()
+            time.sleep(0.5)
+            with pytest.raises(httpx.HTTPError):  # not up on the admin's server
+                httpx.get(f"{proc.url}/health/ready", timeout=1)
+            assert redis_servers_on(short_dir) == [admin_server]
+
+            admin_done.set()  # the admin command exits, and stops its server
+            proc.wait_ready()
+            [server] = redis_servers_on(short_dir)
+            assert server != admin_server
+            record = json.loads((short_dir / RECORD_FILE).read_text())
+            assert record["owner"] == "serve"
+            assert record["owner_pid"] == proc.proc.pid
+            # Still working, on Redis, well after the admin command is gone.
+            setup_password(proc)
+            assert login(proc, PASSWORD).status_code == 200
+            assert httpx.get(f"{proc.url}/health/ready", timeout=5).status_code == 200
+        finally:
+            assert proc.terminate() == 0
+    assert not redis_servers_on(short_dir)
+
+
+def test_serve_gives_up_on_an_admin_command_that_does_not_finish(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In-process, with a short wait: one line, and no second server. Another admin command
+    meanwhile uses the admin's server, as before."""
+    monkeypatch.setattr(embedded, "ADMIN_WAIT_SECONDS", 0.5)
+    with admin_owned_server(short_dir):
+        [admin_server] = redis_servers_on(short_dir)
+        with embedded.embedded_redis(short_dir, owner="admin") as url:
+            client = redis.Redis.from_url(url, socket_timeout=2)
+            try:
+                assert client.ping()
+            finally:
+                client.close()
+        with (
+            pytest.raises(embedded.EmbeddedRedisError, match="admin command") as info,
+            embedded.embedded_redis(short_dir, owner="serve"),
+        ):
+            pass
+        assert "\n" not in str(info.value)
+        assert redis_servers_on(short_dir) == [admin_server]
+
+
+def test_a_second_serve_on_the_same_data_dir_is_refused(short_dir: Path, tmp_path: Path) -> None:
+    """Sharing would leave the second one without Redis when the first stops its server."""
+    with serving(short_dir, tmp_path) as first:
+        [server] = redis_servers_on(short_dir)
+        second = subprocess.run(
+            [sys.executable, "-m", "service", "serve", "--port", str(free_port())],
+            env=embedded_env(short_dir),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert second.returncode != 0
+        message = f"another codex-lb serve is using this data dir (pid {first.proc.pid})"
+        [line] = [line for line in second.stderr.splitlines() if message in line]
+        assert line.startswith("codex-lb: "), second.stderr
+        assert the_password(short_dir) not in second.stdout + second.stderr
+        # The first one, and its server, carry on.
+        assert redis_servers_on(short_dir) == [server]
+        setup_password(first)
+        assert login(first, PASSWORD).status_code == 200
+    assert first.proc.returncode == 0
