@@ -44,6 +44,9 @@ from service.upstream import make_client
 
 log = logging.getLogger(__name__)
 
+# How long shutdown waits for token refreshes under way to store their result.
+TOKEN_DRAIN_SECONDS = 15.0
+
 
 def endpoints() -> list[Endpoint]:
     table = [
@@ -142,6 +145,9 @@ def create_app(config: Config) -> Starlette:
             polling.cancel()
             await asyncio.wait([polling], timeout=5)
             await poller.stop()
+            # A refresh whose caller was cancelled still stores its tokens before the client
+            # and Redis connection close (the old refresh token is spent).
+            await svc.tokens.drain(TOKEN_DRAIN_SECONDS)
             await live.stop()
             await http.aclose()
             await store.close()

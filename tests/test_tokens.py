@@ -756,3 +756,34 @@ async def test_a_store_whose_answer_was_lost_is_not_taken_for_a_conflict(
     assert stored[b"tokens_version"] == b"2"
     assert opened(raw_redis, prefix, account_id)["refresh_token"] == reply["refresh_token"]
     assert not [r for r in logs.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_refresh_whose_caller_is_cancelled_still_stores_its_tokens(
+    harness: AppHarness, admin: httpx.AsyncClient, raw_redis: redis.Redis, prefix: str
+) -> None:
+    """A client gone, or shutdown cancelling the usage poller, mid-exchange: the upstream may
+    already have spent the refresh token, so the exchange runs on and stores the new tokens,
+    and shutdown waits for it (``drain``)."""
+    account_id = await import_one(harness, auth_json())
+    reply = new_tokens("cancelled")
+    in_flight = asyncio.Event()
+
+    async def exchange(request: httpx.Request) -> httpx.Response:
+        in_flight.set()
+        await asyncio.sleep(0.3)
+        return httpx.Response(200, json=reply)
+
+    with respx.mock(assert_all_called=False) as mock:
+        token = mock.post(TOKEN_URL).mock(side_effect=exchange)
+        tokens = manager(harness)
+        caller = asyncio.create_task(tokens.refresh(account_id, 1))
+        await in_flight.wait()
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await tokens.drain(5.0)
+        assert token.call_count == 1
+    stored = account_hash(raw_redis, prefix, account_id)
+    assert (stored[b"status"], stored[b"tokens_version"]) == (b"active", b"2")
+    assert opened(raw_redis, prefix, account_id)["refresh_token"] == reply["refresh_token"]
+    assert not raw_redis.exists(f"{prefix}lease:refresh:{account_id}")

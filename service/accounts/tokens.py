@@ -204,6 +204,8 @@ class TokenManager:
         self.exchange_seconds = exchange_seconds
         self.clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
+        # Exchanges under way, each in a task of its own: see ``_refresh``.
+        self._inflight: set[asyncio.Task[tuple[int, Tokens]]] = set()
 
     async def get_as(self, account: AccountState, url: str) -> httpx.Response:
         """GET an upstream control route as ``account``: its token refreshed first if about to
@@ -245,17 +247,46 @@ class TokenManager:
                     return version, tokens
                 if time.monotonic() > deadline:
                     raise RefreshFailed("timed out waiting for another process's refresh")
+            # Its own task, shielded from the caller: a caller cancelled mid-exchange (a client
+            # gone, shutdown) must not abandon a refresh token the upstream may already have
+            # spent before the new tokens are stored. ``drain`` waits for these at shutdown.
+            task = asyncio.create_task(
+                self._exchange_and_store(account_id, seen_version, lease),
+                name=f"refresh {account_id}",
+            )
+            self._inflight.add(task)
+            task.add_done_callback(self._finished)
+            return await asyncio.shield(task)
+
+    def _finished(self, task: asyncio.Task[tuple[int, Tokens]]) -> None:
+        self._inflight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Retrieved here, so a refresh whose caller is gone does not warn at exit; the
+            # caller, if still there, gets the exception through the shield.
+            log.debug("refresh task ended with %s", type(task.exception()).__name__)
+
+    async def drain(self, seconds: float) -> None:
+        """Let the exchanges under way finish storing their tokens (shutdown)."""
+        if not self._inflight:
+            return
+        _, pending = await asyncio.wait(set(self._inflight), timeout=seconds)
+        if pending:
+            log.error("%s token refresh(es) still running at shutdown; abandoned", len(pending))
+
+    async def _exchange_and_store(
+        self, account_id: str, seen_version: int, lease: _Lease
+    ) -> tuple[int, Tokens]:
+        try:
+            version, tokens = await self._stored(account_id)
+            if version > seen_version:
+                return version, tokens
             try:
-                version, tokens = await self._stored(account_id)
-                if version > seen_version:
-                    return version, tokens
-                try:
-                    fresh = await self._exchange(tokens)
-                except _DeadGrant:
-                    return await self._refused(account_id, version)
-                return await self._store_fresh(account_id, version, fresh, lease)
-            finally:
-                await lease.release()
+                fresh = await self._exchange(tokens)
+            except _DeadGrant:
+                return await self._refused(account_id, version)
+            return await self._store_fresh(account_id, version, fresh, lease)
+        finally:
+            await lease.release()
 
     async def _refused(self, account_id: str, version: int) -> tuple[int, Tokens]:
         """The token we started from was refused: the account needs re-import, unless someone
