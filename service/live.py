@@ -283,24 +283,22 @@ class LiveSettings:
 
     async def _reconcile_loop(self) -> None:
         while True:
-            try:
-                await self._check_version()
-            except asyncio.CancelledError:
-                raise
-            except StoreUnavailable:
-                self.redis_ok = False
-            except Exception:
-                log.warning("settings reconcile failed", exc_info=True)
+            await self._isolated("settings", self._check_version)
             for copy in self._copies.values():
-                try:
-                    await copy.check()
-                except asyncio.CancelledError:
-                    raise
-                except StoreUnavailable:
-                    self.redis_ok = False
-                except Exception:
-                    log.warning("live copy %s failed to reconcile", copy.channel, exc_info=True)
+                await self._isolated(copy.channel, copy.check)
             await asyncio.sleep(self.reconcile_seconds)
+
+    async def _isolated(self, name: str, check: Callable[[], Awaitable[None]]) -> None:
+        """One reconcile step: an unreachable Redis is reported as such; any other failure is
+        that copy's own, logged, and never stops the others."""
+        try:
+            await check()
+        except asyncio.CancelledError:
+            raise
+        except StoreUnavailable:
+            self.redis_ok = False
+        except Exception:
+            log.warning("reconciling %s failed", name, exc_info=True)
 
     async def _wait_for_change(self) -> None:
         """Until an apply or the heartbeat interval, whichever is first."""

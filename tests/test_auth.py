@@ -79,8 +79,11 @@ async def as_token(
         return await c.request(method, path, headers=headers, **kwargs)
 
 
-async def login(c: httpx.AsyncClient, password: str = PASSWORD) -> httpx.Response:
-    return await c.post(f"{AUTH}/password/login", json={"password": password})
+async def login(
+    c: httpx.AsyncClient, password: str = PASSWORD, forwarded_for: str | None = None
+) -> httpx.Response:
+    headers = {} if forwarded_for is None else {"X-Forwarded-For": forwarded_for}
+    return await c.post(f"{AUTH}/password/login", json={"password": password}, headers=headers)
 
 
 def stored_version(raw_redis: redis.Redis, prefix: str) -> int:
@@ -771,18 +774,9 @@ async def test_forwarded_for_from_untrusted_peer_does_not_dodge_the_limit(
     await setup_password(harness.client)
     async with new_client(harness) as c:
         for i in range(10):
-            r = await c.post(
-                f"{AUTH}/password/login",
-                json={"password": "wrong password!"},
-                headers={"X-Forwarded-For": f"203.0.113.{i}"},
-            )
+            r = await login(c, "wrong password!", f"203.0.113.{i}")
             assert_error(r, 401, "invalid_credentials")
-        r = await c.post(
-            f"{AUTH}/password/login",
-            json={"password": PASSWORD},
-            headers={"X-Forwarded-For": "198.51.100.7"},
-        )
-        assert_error(r, 429, "rate_limited")
+        assert_error(await login(c, PASSWORD, "198.51.100.7"), 429, "rate_limited")
 
 
 async def test_trusted_proxy_without_forwarded_address_gets_no_guess(
@@ -802,34 +796,18 @@ async def test_trusted_proxy_without_forwarded_address_gets_no_guess(
         async with new_client(h, client=("127.0.0.1", 5000)) as nginx:
             for password in ("wrong password!", PASSWORD):
                 for forwarded in (None, "", "garbage"):
-                    headers = {} if forwarded is None else {"X-Forwarded-For": forwarded}
-                    r = await nginx.post(
-                        f"{AUTH}/password/login", json={"password": password}, headers=headers
-                    )
+                    r = await login(nginx, password, forwarded)
                     assert_error(r, 401, "invalid_credentials")
                     assert "X-Forwarded-For" in r.json()["error"]["message"]
             counted = [raw_redis.get(k) for k in raw_redis.scan_iter(match=f"{prefix}failed:*")]
             assert all(c == b"0" for c in counted), counted  # no bucket was touched
             # A forwarded client has a bucket of its own, keyed by its address.
             for _ in range(10):
-                r = await nginx.post(
-                    f"{AUTH}/password/login",
-                    json={"password": "wrong password!"},
-                    headers={"X-Forwarded-For": "::ffff:198.51.100.7"},
-                )
+                r = await login(nginx, "wrong password!", "::ffff:198.51.100.7")
                 assert_error(r, 401, "invalid_credentials")
-            r = await nginx.post(
-                f"{AUTH}/password/login",
-                json={"password": PASSWORD},
-                headers={"X-Forwarded-For": "198.51.100.7"},
-            )
-            assert_error(r, 429, "rate_limited")
+            assert_error(await login(nginx, PASSWORD, "198.51.100.7"), 429, "rate_limited")
             assert int(raw_redis.get(f"{prefix}failed:ip:198.51.100.7")) == 10  # type: ignore[arg-type]
-            r = await nginx.post(
-                f"{AUTH}/password/login",
-                json={"password": PASSWORD},
-                headers={"X-Forwarded-For": "198.51.100.8"},
-            )
+            r = await login(nginx, PASSWORD, "198.51.100.8")
             assert r.status_code == 200, r.text
 
 

@@ -177,6 +177,15 @@ def assert_closed_without_password(client: redis.Redis, password: str) -> None:
         client.execute_command("AUTH", "default", "")
 
 
+def assert_holds_serves_data(sock: Path, password: str) -> None:
+    """The password opens the server at ``sock``, and it is the one serve writes to."""
+    owner = redis.Redis(unix_socket_path=str(sock), password=password, socket_timeout=2)
+    try:
+        assert owner.hget("codexlb:auth", "password_hash")
+    finally:
+        owner.close()
+
+
 @contextlib.contextmanager
 def serving(data_dir: Path, log_dir: Path) -> Iterator[ServeProcess]:
     proc = ServeProcess(embedded_env(data_dir), log_dir=log_dir)
@@ -227,11 +236,7 @@ def test_a_long_data_dir_gets_a_private_socket_dir_never_tcp(
 
         # It is the server serve uses, and the password is what opens it.
         setup_password(proc)
-        owner = redis.Redis(unix_socket_path=str(sock), password=password, socket_timeout=2)
-        try:
-            assert owner.hget("codexlb:auth", "password_hash")
-        finally:
-            owner.close()
+        assert_holds_serves_data(sock, password)
         # Never where other local users can see it: redis-server's command line (ps).
         assert password not in Path(f"/proc/{server}/cmdline").read_bytes().decode()
 
@@ -255,11 +260,7 @@ def test_unix_socket_requires_the_password(short_dir: Path, tmp_path: Path) -> N
         password = the_password(short_dir)
         assert mode(short_dir / PASSWORD_FILE) == 0o600
         setup_password(proc)
-        owner = redis.Redis(unix_socket_path=str(sock), password=password, socket_timeout=2)
-        try:
-            assert owner.hget("codexlb:auth", "password_hash")
-        finally:
-            owner.close()
+        assert_holds_serves_data(sock, password)
     assert proc.proc.returncode == 0
     assert password not in proc.log()
 
