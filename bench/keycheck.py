@@ -29,9 +29,11 @@ from bench.common import (
     percentile,
     table,
 )
-from service.api_keys import KEY_PREFIX, ApiKeyCreate, ApiKeyCreated, LiveApiKeys, create_key
-from service.redis_apikeys import ApiKeyRecord, ApiKeyStore
-from service.redis_store import Store, connect
+from service.api_keys.domain import KEY_PREFIX, create_key
+from service.api_keys.live import LiveApiKeys
+from service.api_keys.schemas import ApiKeyCreate, ApiKeyCreated
+from service.api_keys.store import ApiKeyRecord, ApiKeyStore
+from service.core.connection import Connection, connect
 from tests.support import RedisServer
 
 NAME = "keycheck"
@@ -110,7 +112,7 @@ async def _create_all(store: ApiKeyStore, count: int) -> list[ApiKeyCreated]:
 async def _measure(
     server: RedisServer, args: argparse.Namespace
 ) -> tuple[Setup, list[Series], dict[str, int]]:
-    store = Store(connect(server.url), f"bench:{uuid.uuid4().hex[:8]}:")
+    store = Connection(connect(server.url), f"bench:{uuid.uuid4().hex[:8]}:")
     stats_client = server.client()
     try:
         keys = ApiKeyStore(store)

@@ -1,4 +1,10 @@
-"""``create_app(config)``: the Starlette application with its routes, middleware and lifespan."""
+"""``create_app(config)``: the one place where the parts of a process are made and wired.
+
+Everything is made here, once, and each part gets what it uses: stores get the connection,
+live copies their store, the hub its copies, each feature's routes object its stores and
+copies, the two gates their live copies. Nothing is looked up at request time. The lifespan
+only starts and stops the background work (the hub's loops, the usage poller).
+"""
 
 from __future__ import annotations
 
@@ -8,39 +14,43 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
+import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service import api_keys, health, openapi, settings
 from service.accounts import routes as account_routes
 from service.accounts.live import LiveAccounts
+from service.accounts.poller import UsagePoller
+from service.accounts.store import AccountStore
 from service.accounts.tokens import TokenManager
-from service.accounts.usage import UsagePoller
-from service.api_keys import LiveApiKeys
+from service.api_keys import routes as api_key_routes
+from service.api_keys.live import LiveApiKeys
+from service.api_keys.store import ApiKeyStore
 from service.auth import routes as auth_routes
 from service.auth.credentials import Credentials
 from service.auth.guard import DashboardGuard
+from service.auth.sessions import Sessions
+from service.auth.store import AuthStore
 from service.config import Config
-from service.errors import (
-    MethodNotAllowed,
-    NotFound,
-    ServiceError,
-    error_response,
-)
-from service.live import LiveSettings
+from service.core.connection import Connection, connect
+from service.core.control_client import make_client
+from service.core.endpoints import Endpoint, build_routes
+from service.core.errors import MethodNotAllowed, NotFound, ServiceError, error_response
+from service.core.hub import Hub
+from service.core.leases import Leases
+from service.core.secret_box import EncryptionKeyError, SecretBox, load_key
+from service.core.workers import WorkerRegistry
+from service.ops import health, openapi
 from service.proxy import routes as proxy_routes
-from service.proxy.gate import ApiKeyGate
-from service.redis_accounts import AccountStore
-from service.redis_apikeys import ApiKeyStore
-from service.redis_store import Store, connect
-from service.routing import Endpoint, build_routes
-from service.secret_box import KeyError_, SecretBox, load_key
-from service.state import Services
-from service.upstream import make_client
+from service.proxy.gate import Admission, ApiKeyGate
+from service.settings import routes as settings_routes
+from service.settings.live import LiveSettings
+from service.settings.store import SettingsStore
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +59,110 @@ TOKEN_DRAIN_SECONDS = 15.0
 
 
 def endpoints() -> list[Endpoint]:
-    table = [
+    """Every route of the service, described; bound to its routes object by ``create_app``."""
+    return [
         *health.ENDPOINTS,
         *auth_routes.ENDPOINTS,
-        *settings.ENDPOINTS,
-        *api_keys.ENDPOINTS,
+        *settings_routes.ENDPOINTS,
+        *api_key_routes.ENDPOINTS,
         *account_routes.ENDPOINTS,
         *proxy_routes.ENDPOINTS,
+        *openapi.ENDPOINTS,
     ]
-    openapi.endpoint(table)
-    return table
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What ``create_app`` made. The server reaches in to start draining and tests to observe;
+    handlers never do (each routes object holds only what it uses)."""
+
+    config: Config
+    conn: Connection
+    box: SecretBox
+    http: httpx.AsyncClient
+    hub: Hub
+    workers: WorkerRegistry
+    leases: Leases
+    settings_store: SettingsStore
+    settings: LiveSettings
+    auth_store: AuthStore
+    sessions: Sessions
+    credentials: Credentials
+    api_key_store: ApiKeyStore
+    api_keys: LiveApiKeys
+    account_store: AccountStore
+    accounts: LiveAccounts
+    tokens: TokenManager
+    poller: UsagePoller
+
+
+def wire(config: Config, redis_url: str) -> Parts:
+    box = SecretBox(load_key(config))
+    conn = Connection(connect(redis_url), config.redis_prefix)
+    http = make_client()
+    workers, leases = WorkerRegistry(conn), Leases(conn)
+    settings_store = SettingsStore(conn)
+    settings = LiveSettings(settings_store)
+    hub = Hub(
+        conn, workers, reconcile_seconds=config.settings_reconcile_seconds, report=settings.applied
+    )
+    settings.on_apply.append(hub.wake)
+    auth_store = AuthStore(conn)
+    api_key_store = ApiKeyStore(conn)
+    account_store = AccountStore(conn)
+    accounts = LiveAccounts(account_store)
+    tokens = TokenManager(leases, account_store, box, http, config.auth_base_url)
+    parts = Parts(
+        config=config,
+        conn=conn,
+        box=box,
+        http=http,
+        hub=hub,
+        workers=workers,
+        leases=leases,
+        settings_store=settings_store,
+        settings=settings,
+        auth_store=auth_store,
+        sessions=Sessions(auth_store, config),
+        credentials=Credentials(auth_store, settings_store, box, config.bootstrap_token),
+        api_key_store=api_key_store,
+        api_keys=LiveApiKeys(api_key_store),
+        account_store=account_store,
+        accounts=accounts,
+        tokens=tokens,
+        poller=UsagePoller(
+            leases,
+            account_store,
+            accounts,
+            tokens,
+            http,
+            config.upstream_base_url,
+            config.usage_poll_seconds,
+        ),
+    )
+    for copy in (parts.settings, parts.api_keys, parts.accounts):
+        hub.register(copy)
+    return parts
+
+
+def routes_objects(parts: Parts, table: list[Endpoint]) -> list[object]:
+    config = parts.config
+    return [
+        health.HealthRoutes(parts.hub, parts.settings),
+        auth_routes.AuthRoutes(
+            parts.auth_store,
+            parts.sessions,
+            parts.credentials,
+            parts.settings_store,
+            parts.settings,
+            config,
+        ),
+        settings_routes.SettingsRoutes(parts.settings_store, parts.settings, parts.workers),
+        api_key_routes.ApiKeyRoutes(parts.api_key_store),
+        account_routes.AccountRoutes(parts.account_store, parts.box, parts.settings),
+        proxy_routes.ProxyRoutes(parts.accounts, parts.tokens, config.upstream_base_url),
+        openapi.OpenApiRoutes(table),
+    ]
 
 
 async def _service_error(request: Request, exc: Exception) -> Response:
@@ -90,71 +194,54 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 def create_app(config: Config) -> Starlette:
     if not config.redis_url:
         raise ValueError("create_app needs CODEX_LB_REDIS_URL (the CLI sets it for embedded Redis)")
-    redis_url = config.redis_url
+    parts = wire(config, config.redis_url)
+    hub = parts.hub
+
+    async def first_contact() -> None:
+        try:
+            await parts.credentials.check_key_fingerprint()
+        except EncryptionKeyError as exc:
+            # Secrets sealed under another key would not open: refuse to serve at all.
+            log.critical("%s", exc)
+            hub.draining = True
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        await parts.credentials.ensure_bootstrap_token()
+
+    hub.on_first_contact.append(first_contact)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        box = SecretBox(load_key(config))
-        store = Store(connect(redis_url), config.redis_prefix)
-        live = LiveSettings(store, reconcile_seconds=config.settings_reconcile_seconds)
-        http = make_client()
-        account_store = AccountStore(store)
-        svc = Services(
-            config=config,
-            store=store,
-            live=live,
-            box=box,
-            http=http,
-            api_keys=LiveApiKeys(ApiKeyStore(store)),
-            account_store=account_store,
-            accounts=LiveAccounts(account_store),
-            tokens=TokenManager(store, account_store, box, http, config.auth_base_url),
-        )
-        live.attach(svc.api_keys)
-        live.attach(svc.accounts)
-        poller = UsagePoller(
-            store,
-            account_store,
-            svc.accounts,
-            svc.tokens,
-            http,
-            config.upstream_base_url,
-            config.usage_poll_seconds,
-        )
-        creds = Credentials(store, box, config.bootstrap_token)
-
-        async def first_contact() -> None:
-            try:
-                await creds.check_key_fingerprint()
-            except KeyError_ as exc:
-                # Secrets sealed under another key would not open: refuse to serve at all.
-                log.critical("%s", exc)
-                svc.draining = True
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            await creds.ensure_bootstrap_token()
-
-        live.on_first_contact.append(first_contact)
-        app.state.services = svc
-        await live.start()
-        polling = asyncio.create_task(poller.run(), name="usage-poller")
+        await hub.start()
+        polling = asyncio.create_task(parts.poller.run(), name="usage-poller")
         try:
             yield
         finally:
-            svc.draining = True
+            hub.draining = True
             polling.cancel()
             await asyncio.wait([polling], timeout=5)
-            await poller.stop()
+            await parts.poller.stop()
             # A refresh whose caller was cancelled still stores its tokens before the client
             # and Redis connection close (the old refresh token is spent).
-            await svc.tokens.drain(TOKEN_DRAIN_SECONDS)
-            await live.stop()
-            await http.aclose()
-            await store.close()
+            await parts.tokens.drain(TOKEN_DRAIN_SECONDS)
+            await hub.stop()
+            await parts.http.aclose()
+            await parts.conn.close()
 
-    return Starlette(
-        routes=build_routes(endpoints()),
-        middleware=[Middleware(DashboardGuard), Middleware(ApiKeyGate)],
+    table = endpoints()
+    app = Starlette(
+        routes=build_routes(table, routes_objects(parts, table)),
+        middleware=[
+            Middleware(
+                DashboardGuard,
+                sessions=parts.sessions,
+                trusted_proxies=config.trusted_proxy_cidrs,
+            ),
+            Middleware(
+                ApiKeyGate,
+                admission=Admission(hub, parts.settings, parts.api_keys, config),
+            ),
+        ],
         exception_handlers={
             ServiceError: _service_error,
             HTTPException: _http_error,
@@ -162,6 +249,8 @@ def create_app(config: Config) -> Starlette:
         },
         lifespan=lifespan,
     )
+    app.state.parts = parts
+    return app
 
 
 def create_app_from_env() -> Starlette:

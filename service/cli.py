@@ -16,15 +16,16 @@ from collections.abc import Iterator
 
 from service import __version__
 from service.auth.credentials import Credentials
+from service.auth.store import AuthStore
 from service.config import Config, ConfigError
+from service.core.connection import Connection, open_connection
+from service.core.errors import ServiceError
+from service.core.secret_box import EncryptionKeyError, SecretBox, load_key
 from service.embedded_redis import EmbeddedRedisError, Owner, embedded_redis
-from service.errors import ServiceError
-from service.live import LiveSettings
 from service.logs import configure
-from service.records import initial_settings
-from service.redis_store import open_store
-from service.secret_box import KeyError_, SecretBox, load_key
-from service.settings import reset_settings
+from service.settings.domain import reset_settings
+from service.settings.live import LiveSettings
+from service.settings.store import SettingsStore, initial_settings
 
 log = logging.getLogger("codex_lb")
 
@@ -76,9 +77,8 @@ async def _prepare(config: Config) -> str | None:
     generated one was logged once by ``ensure_bootstrap_token``, and one from the environment
     is never printed (it would land in every pod's log)."""
     assert config.redis_url
-    box = SecretBox(load_key(config))
-    async with open_store(config.redis_url, config.redis_prefix) as store:
-        creds = Credentials(store, box, config.bootstrap_token)
+    async with open_connection(config.redis_url, config.redis_prefix) as conn:
+        creds = _credentials(conn, config)
         await creds.check_key_fingerprint()
         if await creds.password_configured():
             return None
@@ -109,25 +109,30 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     return serve(args.host, args.port, max(1, args.workers))
 
 
+def _credentials(conn: Connection, config: Config) -> Credentials:
+    box = SecretBox(load_key(config))
+    return Credentials(AuthStore(conn), SettingsStore(conn), box, config.bootstrap_token)
+
+
 async def _admin(config: Config, action: str) -> int:
     assert config.redis_url
-    box = SecretBox(load_key(config))
-    async with open_store(config.redis_url, config.redis_prefix) as store:
-        creds = Credentials(store, box, config.bootstrap_token)
+    async with open_connection(config.redis_url, config.redis_prefix) as conn:
+        creds = _credentials(conn, config)
+        settings = creds.settings
         await creds.check_key_fingerprint()
         # An admin command may be the first thing a deployment ever runs (set-password before
         # the first serve): its state must not make the settings look lost later.
-        await store.initialise_settings(initial_settings())
+        await settings.initialise(initial_settings())
         if action == "set-password":
             password = sys.stdin.readline().rstrip("\r\n")
             if not 8 <= len(password) <= 1024:
                 print("password must be 8 to 1024 characters", file=sys.stderr)
                 return 2
             ended = await creds.set_password(password)
-            cleared = await store.clear_attempts()
+            cleared = await creds.store.clear_attempts()
             print(f"password set; {ended} session(s) ended, {cleared} lockout counter(s) cleared")
         elif action == "reset-totp":
-            live = LiveSettings(store, reconcile_seconds=1.0)
+            live = LiveSettings(settings)
             await live.sync()
             if live.settings_lost:
                 print(
@@ -138,7 +143,7 @@ async def _admin(config: Config, action: str) -> int:
             record = await creds.remove_totp(live)
             print(f"TOTP removed and not required (settings version {record.version})")
         elif action == "reset-settings":
-            record = await reset_settings(store)
+            record = await reset_settings(settings)
             print(f"default settings written as version {record.version}")
         else:
             if await creds.password_configured():
@@ -169,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "serve":
                 return _serve(config, args)
             return asyncio.run(_admin(config, args.action))
-    except (ConfigError, EmbeddedRedisError, KeyError_) as exc:
+    except (ConfigError, EmbeddedRedisError, EncryptionKeyError) as exc:
         print(f"codex-lb: {exc}", file=sys.stderr)
         return 1
     except ServiceError as exc:

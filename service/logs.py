@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from service.records import rfc3339
+from service.core.bodies import rfc3339
 
 
 class JsonFormatter(logging.Formatter):

@@ -37,9 +37,9 @@ class DrainingServer(uvicorn.Server):
         self._app = app
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        services = getattr(self._app.state, "services", None)
-        if services is not None:
-            services.draining = True
+        parts = getattr(self._app.state, "parts", None)
+        if parts is not None:
+            parts.hub.draining = True
         super().handle_exit(sig, frame)
         # uvicorn re-raises captured signals after shutdown, which would end the process with
         # the signal's status; a graceful stop is a clean exit.

@@ -12,9 +12,8 @@ import httpx
 import pytest
 import redis
 
-from service.app import create_app
+from service.app import Parts, create_app
 from service.config import Config
-from service.state import Services
 from tests.support import BOOTSTRAP_TOKEN, ENCRYPTION_KEY, PASSWORD, RedisServer
 
 
@@ -78,7 +77,12 @@ class AppHarness:
             transport=httpx.ASGITransport(app=self.app), base_url="http://testserver"
         )
         for _ in range(500):
-            if self.services.live.current is not None:
+            if self.parts.settings.current is not None:
+                break
+            await asyncio.sleep(0.01)
+        # The other copies load right after; a test may keep one from loading on purpose.
+        for _ in range(100):
+            if self.parts.hub.ready:
                 break
             await asyncio.sleep(0.01)
         return self
@@ -88,9 +92,9 @@ class AppHarness:
         await self._lifespan.__aexit__(None, None, None)
 
     @property
-    def services(self) -> Services:
-        svc: Services = self.app.state.services
-        return svc
+    def parts(self) -> Parts:
+        parts: Parts = self.app.state.parts
+        return parts
 
 
 @pytest.fixture

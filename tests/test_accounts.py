@@ -22,8 +22,8 @@ import respx
 from cryptography.fernet import Fernet, InvalidToken
 
 from service.config import Config
-from service.records import rfc3339
-from service.secret_box import KEY_FILE_NAME, SecretBox, load_key
+from service.core.bodies import rfc3339
+from service.core.secret_box import KEY_FILE_NAME, SecretBox, load_key
 from tests.conftest import AppHarness, make_config, setup_password
 from tests.factories import AUTH_CLAIM, auth_json, jwt
 from tests.support import ENCRYPTION_KEY, PASSWORD, ServeProcess, base_env, stored_blob
@@ -152,7 +152,7 @@ async def login(client: httpx.AsyncClient) -> None:
 async def wait_live(h: AppHarness, predicate: Any, timeout: float = 3.0) -> None:
     """Until this process's live copy of the accounts satisfies ``predicate(accounts)``."""
     deadline = time.monotonic() + timeout
-    while not predicate(h.services.accounts.accounts):
+    while not predicate(h.parts.accounts.accounts):
         assert time.monotonic() < deadline, "live account copy never caught up"
         await asyncio.sleep(0.01)
 
@@ -724,7 +724,7 @@ async def test_pause_resume_delete(
     assert raw_redis.hget(key, "status") == b"paused"
     assert (await listed(admin))[keep]["status"] == "paused"
     await wait_live(harness, lambda a: a[keep].status == "paused")
-    assert keep not in {a.id for a in harness.services.accounts.serving()}
+    assert keep not in {a.id for a in harness.parts.accounts.serving()}
     # Pausing twice is harmless.
     assert (await admin.post(f"/api/accounts/{keep}/pause")).json()["status"] == "paused"
 
@@ -934,7 +934,7 @@ async def test_usage_poll_stores_windows_and_maps_limits_to_statuses(
             r = await import_docs(h.client, docs["paused"], docs["reauth"])
             paused_id, reauth_id = (x["account"]["id"] for x in r.json()["results"])
             assert (await h.client.post(f"/api/accounts/{paused_id}/pause")).status_code == 200
-            await h.services.account_store.update(reauth_id, {"status": "reauth_required"})
+            await h.parts.account_store.update(reauth_id, {"status": "reauth_required"})
             await wait_live(
                 h,
                 lambda a: (
@@ -1023,7 +1023,7 @@ async def test_only_one_process_polls(
             if request.url.path.endswith("/wham/usage"):
                 calls.append((name, request.headers["chatgpt-account-id"], time.monotonic()))
 
-        h.services.http.event_hooks["request"].append(hook)
+        h.parts.http.event_hooks["request"].append(hook)
 
     config = make_config(redis_url, prefix, tmp_path, usage_poll_seconds=interval)
     with respx.mock(assert_all_called=False) as mock:

@@ -232,8 +232,8 @@ async def test_set_password_before_the_first_serve_is_a_new_deployment(
     from tests.conftest import make_config
 
     async with AppHarness(make_config(redis_url, prefix, tmp_path)) as h:
-        assert not h.services.live.settings_lost
-        assert h.services.live.get().version == 1
+        assert not h.parts.settings.settings_lost
+        assert h.parts.settings.get().version == 1
         assert (await h.client.get("/health/ready")).status_code == 200
         async with new_client(h) as c:
             assert (await login(c, NEW_PASSWORD)).status_code == 200

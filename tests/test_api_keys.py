@@ -23,7 +23,7 @@ import pytest
 import redis
 import respx
 
-from service.api_keys import LiveApiKeys
+from service.api_keys.live import LiveApiKeys
 from service.app import create_app
 from service.config import DEFAULT_UPSTREAM_BASE_URL, Config
 from tests.conftest import AppHarness, make_config, setup_password
@@ -56,7 +56,7 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 1.0) -> flo
 
 
 def live_keys(harness: AppHarness) -> LiveApiKeys:
-    return harness.services.api_keys
+    return harness.parts.api_keys
 
 
 async def create(admin: httpx.AsyncClient, name: str = "ci", **extra: Any) -> dict[str, Any]:
@@ -89,7 +89,7 @@ async def set_key_auth(harness: AppHarness, admin: httpx.AsyncClient, on: bool) 
     r = await admin.put("/api/settings", json={**SETTINGS, "api_key_auth_enabled": on})
     assert r.status_code == 200, r.text
     assert r.json()["api_key_auth_enabled"] is on
-    live = harness.services.live
+    live = harness.parts.settings
     await eventually(lambda: live.get().api_key_auth_enabled is on)
 
 
@@ -599,7 +599,7 @@ async def test_models_through_one_active_account(
     doc = auth_json(account_id="acct-models", email="m@example.com", tag="m")
     r = await admin.post("/api/accounts/import", json=doc)
     assert r.status_code == 200, r.text
-    accounts = harness.services.accounts
+    accounts = harness.parts.accounts
     await eventually(lambda: len(accounts.serving()) == 1)
     upstream_token = doc["tokens"]["access_token"]
 
@@ -631,7 +631,7 @@ async def test_key_auth_off_admits_loopback_only(
     harness: AppHarness, admin: httpx.AsyncClient
 ) -> None:
     made = await create_live(harness, admin)
-    assert harness.services.live.get().api_key_auth_enabled is False
+    assert harness.parts.settings.get().api_key_auth_enabled is False
     for host in ("127.0.0.1", "127.9.9.9", "::1"):
         async with peer_client(harness, host) as local:
             assert_admitted_no_accounts(await local.get(MODELS))
@@ -813,7 +813,7 @@ async def test_proxy_routes_are_503_until_settings_are_loaded(tmp_path: Path) ->
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
             await asyncio.sleep(0.2)
-            assert app.state.services.live.current is None
+            assert app.state.parts.settings.current is None
             for r in [
                 await c.get(MODELS),
                 await c.get(MODELS, headers=bearer("sk-clb-" + "A" * 43)),

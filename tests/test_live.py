@@ -17,14 +17,16 @@ import msgspec
 import pytest
 import redis
 
-from service.app import create_app
+from service.app import Parts, create_app
+from service.auth.store import AuthStore
 from service.config import Config
-from service.errors import NotReady, StoreUnavailable
-from service.live import LiveSettings
-from service.records import SettingsRecord, initial_settings
-from service.redis_store import Store, connect
-from service.settings import read_settings, write_settings
-from service.state import Services
+from service.core.connection import Connection, connect
+from service.core.errors import NotReady, StoreUnavailable
+from service.core.hub import Hub
+from service.core.workers import WorkerRegistry
+from service.settings.domain import read_settings, write_settings
+from service.settings.live import LiveSettings
+from service.settings.store import SettingsRecord, SettingsStore, initial_settings
 from tests.conftest import AppHarness, make_config, setup_password
 from tests.support import PASSWORD, RedisServer
 
@@ -67,7 +69,16 @@ def config_for(server: RedisServer, tmp_path: Path, reconcile: float = RECONCILE
 
 
 def live(h: AppHarness) -> LiveSettings:
-    return h.services.live
+    return h.parts.settings
+
+
+def settings_with_hub(conn: Connection) -> tuple[LiveSettings, Hub]:
+    """A settings copy fed by a hub of its own, outside any app."""
+    settings = LiveSettings(SettingsStore(conn))
+    hub = Hub(conn, WorkerRegistry(conn), reconcile_seconds=RECONCILE, report=settings.applied)
+    settings.on_apply.append(hub.wake)
+    hub.register(settings)
+    return settings, hub
 
 
 def version(h: AppHarness) -> int | None:
@@ -175,7 +186,7 @@ async def test_put_on_one_process_reaches_the_other_by_pubsub(
         r = await b.client.get("/api/settings/propagation")
         assert r.status_code == 200
         workers = r.json()["workers"]
-        assert {w["worker_id"] for w in workers} == {live(a).worker_id, live(b).worker_id}
+        assert {w["worker_id"] for w in workers} == {a.parts.hub.worker_id, b.parts.hub.worker_id}
         assert all(w["applied_version"] == 3 for w in workers)
 
 
@@ -200,7 +211,7 @@ async def test_pubsub_connections_killed_then_a_write_through_the_other_process(
         killed = raw.client_kill_filter(_type="pubsub")
         assert killed == 2
         record = await write_settings(
-            a.services.store,
+            a.parts.settings_store,
             live(a),
             lambda current: msgspec.structs.replace(current, routing_strategy="round_robin"),
         )
@@ -303,15 +314,16 @@ async def test_an_older_record_put_back_is_overwritten_with_the_newer_one(
 async def test_requests_right_after_a_redis_restart_reconnect(server: RedisServer) -> None:
     """Every pooled connection dies with a restart; the first use of each must reconnect, not
     fail the request."""
-    store = Store(connect(server.url), PREFIX)
+    conn = Connection(connect(server.url), PREFIX)
+    store = AuthStore(conn)
     try:
-        await asyncio.gather(*(store.ping() for _ in range(5)))  # five pooled connections
+        await asyncio.gather(*(conn.ping() for _ in range(5)))  # five pooled connections
         server.kill()
         server.start()
         results = await asyncio.gather(*(store.auth_fields() for _ in range(5)))
         assert results == [{}] * 5
     finally:
-        await store.close()
+        await conn.close()
 
 
 async def test_redis_down_serves_last_known_good_then_recovers(
@@ -323,7 +335,7 @@ async def test_redis_down_serves_last_known_good_then_recovers(
         server.kill()
 
         for h in (a, b):
-            await eventually(lambda h=h: not live(h).redis_ok, 3.0)
+            await eventually(lambda h=h: not h.parts.hub.redis_ok, 3.0)
             r = await h.client.get("/health/ready")
             assert r.status_code == 200
             assert r.json() == {
@@ -334,14 +346,14 @@ async def test_redis_down_serves_last_known_good_then_recovers(
             # The request path still has the last record it knew.
             assert live(h).get() == known
             # So does the settings read behind GET /api/settings.
-            assert await read_settings(h.services.store, live(h)) == known
+            assert await read_settings(h.parts.settings_store, live(h)) == known
 
         # A write cannot be stored: 503 store_unavailable, and the live copy did not move.
         r = await put(a, {**CHANGE, "routing_strategy": "usage_weighted"})
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "store_unavailable"
         with pytest.raises(StoreUnavailable):
-            await write_settings(a.services.store, live(a), lambda current: current)
+            await write_settings(a.parts.settings_store, live(a), lambda current: current)
         assert live(a).current == live(b).current == known
 
         # Back on the same port, empty and without persistence: the processes put their record
@@ -350,7 +362,7 @@ async def test_redis_down_serves_last_known_good_then_recovers(
         start = time.monotonic()
         await eventually(lambda: stored(raw) == known, RECOVERY_DEADLINE)
         await eventually(
-            lambda: live(a).redis_ok and live(b).redis_ok,
+            lambda: a.parts.hub.redis_ok and b.parts.hub.redis_ok,
             RECOVERY_DEADLINE - (time.monotonic() - start),
         )
         for h in (a, b):
@@ -378,13 +390,13 @@ async def test_redis_down_dashboard_reads_fail_closed(server: RedisServer, tmp_p
 
 
 @contextlib.asynccontextmanager
-async def running(config: Config) -> AsyncIterator[tuple[Services, httpx.AsyncClient]]:
+async def running(config: Config) -> AsyncIterator[tuple[Parts, httpx.AsyncClient]]:
     """The app inside its lifespan without waiting for a record (unlike AppHarness)."""
     app = create_app(config)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            yield app.state.services, client
+            yield app.state.parts, client
 
 
 async def test_cold_start_without_redis_is_not_ready_until_redis_comes(tmp_path: Path) -> None:
@@ -403,16 +415,16 @@ async def test_cold_start_without_redis_is_not_ready_until_redis_comes(tmp_path:
                 assert (await client.get("/health/live")).status_code == 200
                 # No record, no defaults: the proxy path refuses rather than guess.
                 with pytest.raises(NotReady):
-                    svc.live.get()
+                    svc.settings.get()
                 await asyncio.sleep(0.1)
 
             srv.start()
             # Ready once the record and every other live copy have loaded.
-            await eventually(lambda: svc.live.ready and svc.live.redis_ok, RECOVERY_DEADLINE)
+            await eventually(lambda: svc.hub.ready and svc.hub.redis_ok, RECOVERY_DEADLINE)
             r = await client.get("/health/ready")
             assert r.status_code == 200
             assert r.json() == {"status": "ready", "settings_version": 1, "redis": "ok"}
-            assert svc.live.get().version == 1
+            assert svc.settings.get().version == 1
             assert stored_version(srv.client()) == 1
     finally:
         srv.stop()
@@ -435,7 +447,7 @@ async def test_reading_settings_costs_no_redis_round_trip(
         before = commands_served(raw)
         start = time.monotonic()
         for _ in range(1000):
-            assert h.services.live.get().version == 1
+            assert h.parts.settings.get().version == 1
         for _ in range(200):
             r = await h.client.get("/health/ready")
             assert r.status_code == 200
@@ -459,31 +471,31 @@ async def test_stop_is_prompt_even_right_after_an_apply(server: RedisServer) -> 
     (``asyncio.wait_for`` on Python 3.11 returns the inner result instead of raising when the
     cancel and the inner completion meet, which left ``stop()`` waiting for ever.)
     """
-    store = Store(connect(server.url), PREFIX)
+    conn = Connection(connect(server.url), PREFIX)
     try:
         for turns in range(8):
-            settings = LiveSettings(store, reconcile_seconds=RECONCILE)
-            await settings.start()
+            settings, hub = settings_with_hub(conn)
+            await hub.start()
             await eventually(lambda s=settings: s.current is not None, 5.0)
             await asyncio.sleep(0.05)  # the heartbeat has registered and waits again
             base = settings.get()
             settings.apply(msgspec.structs.replace(base, version=base.version + 1))
             for _ in range(turns):
                 await asyncio.sleep(0)
-            await asyncio.wait_for(settings.stop(), 3.0)
+            await asyncio.wait_for(hub.stop(), 3.0)
             assert all(t.done() for t in asyncio.all_tasks() if t.get_name() == "worker-heartbeat")
     finally:
-        await store.close()
+        await conn.close()
 
 
 async def test_stop_cancels_again_a_task_that_swallowed_the_cancel(
     server: RedisServer,
 ) -> None:
     """Inside redis-py, 3.11's ``asyncio.wait_for`` can eat a cancel; stop() must still end."""
-    store = Store(connect(server.url), PREFIX)
-    settings = LiveSettings(store, reconcile_seconds=RECONCILE)
+    conn = Connection(connect(server.url), PREFIX)
+    settings, hub = settings_with_hub(conn)
     try:
-        await settings.start()
+        await hub.start()
         await eventually(lambda: settings.current is not None, 5.0)
 
         async def swallows_one_cancel() -> None:
@@ -493,11 +505,11 @@ async def test_stop_cancels_again_a_task_that_swallowed_the_cancel(
             await asyncio.sleep(30)
 
         stubborn = asyncio.create_task(swallows_one_cancel())
-        settings._tasks.append(stubborn)
+        hub._tasks.append(stubborn)
         await asyncio.sleep(0)
         start = time.monotonic()
-        await settings.stop()
+        await hub.stop()
         assert time.monotonic() - start < 1.0
         assert stubborn.cancelled()
     finally:
-        await store.close()
+        await conn.close()

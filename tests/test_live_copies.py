@@ -14,10 +14,12 @@ import httpx
 import pytest
 import redis
 
-from service.api_keys import ApiKeyCreate, LiveApiKeys, create_key
+from service.api_keys.domain import create_key
+from service.api_keys.live import LiveApiKeys
+from service.api_keys.schemas import ApiKeyCreate
+from service.api_keys.store import ApiKeyStore, StoredKeys
 from service.config import Config
-from service.redis_apikeys import ApiKeyStore, Snapshot
-from service.redis_store import Store, connect
+from service.core.connection import Connection, connect
 from tests.conftest import AppHarness, make_config, setup_password
 from tests.factories import auth_json
 from tests.test_accounts import import_docs
@@ -42,7 +44,7 @@ def wipe(raw_redis: redis.Redis, prefix: str) -> None:
 @pytest.fixture
 async def key_copy(redis_url: str, prefix: str) -> AsyncIterator[tuple[ApiKeyStore, LiveApiKeys]]:
     """An API key store and a live copy of it, outside any app (no listener, no reconcile)."""
-    store = Store(connect(redis_url), prefix)
+    store = Connection(connect(redis_url), prefix)
     keys = ApiKeyStore(store)
     try:
         yield keys, LiveApiKeys(keys)
@@ -66,7 +68,7 @@ async def test_a_slow_snapshot_never_reinstalls_a_revoked_key(
     release = asyncio.Event()
     calls = 0
 
-    async def slow_first_read() -> Snapshot:
+    async def slow_first_read() -> StoredKeys:
         nonlocal calls
         calls += 1
         mine = calls
@@ -100,7 +102,7 @@ async def test_a_message_ahead_of_a_snapshot_is_kept(
         {"version": 2, "epoch": live.epoch, "id": made.id, "record": None}
     ).encode()
 
-    async def read_overtaken_by_a_message() -> Snapshot:
+    async def read_overtaken_by_a_message() -> StoredKeys:
         stale = await read()
         # The revocation, and its message, land while this read is on its way back.
         assert await keys.delete(made.id)
@@ -192,7 +194,7 @@ async def test_a_malformed_account_never_blinds_the_other_copies(
         await setup_password(admin)
         r = await import_docs(admin, auth_json(account_id="acct-good", email="good@example.com"))
         assert r.status_code == 200, r.text
-        accounts = h.services.accounts
+        accounts = h.parts.accounts
         await eventually(lambda: len(accounts.accounts) == 1)
 
         # A hash without an email or tokens, announced as the next change of the collection.
@@ -219,7 +221,7 @@ async def test_a_malformed_account_never_blinds_the_other_copies(
         assert r.status_code == 200, r.text
         r = await admin.post("/api/api-keys", json={"name": "after"})
         assert r.status_code == 201, r.text
-        await eventually(lambda: h.services.api_keys.check_key(r.json()["key"]) is not None)
+        await eventually(lambda: h.parts.api_keys.check_key(r.json()["key"]) is not None)
 
         # A full reload (a gap in the versions) skips the bad entry and keeps the good one.
         gap = {"version": version + 5, "epoch": epoch, "resync": True}
@@ -247,7 +249,7 @@ async def test_missing_fields_never_grant_anything(
     raw_redis.hset(f"{prefix}apikeys", made["id"], json.dumps(record))
     raw_redis.hdel(f"{prefix}account:{account_id}", "status")
     # Make both copies reload from the store.
-    keys, accounts = harness.services.api_keys, harness.services.accounts
+    keys, accounts = harness.parts.api_keys, harness.parts.accounts
     await keys.sync()
     await accounts.sync()
 
@@ -264,9 +266,9 @@ async def test_not_ready_until_every_copy_has_loaded(
     # The accounts index holds the wrong type: that copy cannot load, the others can.
     raw_redis.set(f"{prefix}accounts", "not a set")
     async with AppHarness(config) as h:
-        await eventually(lambda: h.services.api_keys.loaded)
-        assert h.services.live.current is not None
-        assert not h.services.accounts.loaded
+        await eventually(lambda: h.parts.api_keys.loaded)
+        assert h.parts.settings.current is not None
+        assert not h.parts.accounts.loaded
         r = await h.client.get("/health/ready")
         assert r.status_code == 503
         assert r.json()["status"] == "starting"
@@ -274,6 +276,6 @@ async def test_not_ready_until_every_copy_has_loaded(
 
         raw_redis.delete(f"{prefix}accounts")
         await eventually(
-            lambda: h.services.accounts.loaded, timeout=config.settings_reconcile_seconds + 1
+            lambda: h.parts.accounts.loaded, timeout=config.settings_reconcile_seconds + 1
         )
         assert (await h.client.get("/health/ready")).status_code == 200

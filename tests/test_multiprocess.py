@@ -28,7 +28,7 @@ import pyotp
 import pytest
 import redis
 
-from service.redis_store import WORKER_TTL_SECONDS
+from service.core.workers import WORKER_TTL_SECONDS
 from tests.support import (
     BOOTSTRAP_TOKEN,
     PASSWORD,

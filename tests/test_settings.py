@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from service.config import Config
-from service.records import SettingsRecord
+from service.settings.store import SettingsRecord
 from tests.conftest import AppHarness, make_config
 
 DEFAULTS = {
@@ -397,7 +397,7 @@ async def test_answering_process_uses_the_new_record_at_once(
     admin: httpx.AsyncClient, harness: AppHarness
 ) -> None:
     r = await admin.put("/api/settings", json={**REQUIRED, "api_key_auth_enabled": True})
-    live = harness.services.live.get()
+    live = harness.parts.settings.get()
     assert isinstance(live, SettingsRecord)
     assert live.version == r.json()["version"]
     assert live.api_key_auth_enabled is True
@@ -412,7 +412,7 @@ async def test_propagation_lists_this_process(
     p = (await admin.get("/api/settings/propagation")).json()
     assert p["version"] == 2
     [worker] = p["workers"]
-    assert worker["worker_id"] == harness.services.live.worker_id
+    assert worker["worker_id"] == harness.parts.hub.worker_id
     assert worker["applied_version"] == 2
     assert worker["pid"] > 0
     assert worker["applied_at"].endswith("Z")
@@ -438,5 +438,5 @@ async def test_two_processes_converge_through_pubsub(
         )
         elapsed = time.monotonic() - start
         assert r.headers["x-propagation"] == "2/2"
-        assert other.services.live.get().routing_strategy == "round_robin"
+        assert other.parts.settings.get().routing_strategy == "round_robin"
         assert elapsed < 0.5, elapsed

@@ -17,7 +17,7 @@ import redis
 
 from service.app import create_app
 from service.config import Config
-from service.records import SettingsRecord
+from service.settings.store import SettingsRecord
 from tests.conftest import AppHarness, setup_password
 from tests.support import PASSWORD, ServeProcess, base_env, wait_until
 
@@ -119,7 +119,7 @@ async def test_any_other_state_means_a_loss_not_a_new_deployment(
         raw_redis.lpush(name, "{}")
     app = create_app(config)
     async with app.router.lifespan_context(app):
-        live = app.state.services.live
+        live = app.state.parts.settings
         for _ in range(200):
             if live.settings_lost:
                 break
@@ -137,8 +137,8 @@ async def test_any_other_state_means_a_loss_not_a_new_deployment(
 async def test_a_brand_new_deployment_still_starts_on_defaults(
     harness: AppHarness, raw_redis: redis.Redis, prefix: str
 ) -> None:
-    assert harness.services.live.get().version == 1
-    assert not harness.services.live.settings_lost
+    assert harness.parts.settings.get().version == 1
+    assert not harness.parts.settings.settings_lost
     assert (await harness.client.get("/health/ready")).status_code == 200
     await setup_password(harness.client)
 
@@ -146,12 +146,12 @@ async def test_a_brand_new_deployment_still_starts_on_defaults(
 async def test_reset_settings_keeps_a_configured_totp_and_continues_the_versions(
     admin: httpx.AsyncClient, harness: AppHarness, raw_redis: redis.Redis, prefix: str
 ) -> None:
-    from service.settings import reset_settings
+    from service.settings.domain import reset_settings
 
     raw_redis.hset(f"{prefix}auth", "totp_secret", b"sealed")
     r = await admin.put("/api/settings", json={**REQUIRED, "import_without_overwrite": True})
     assert r.json()["version"] == 2
-    record = await reset_settings(harness.services.store)
+    record = await reset_settings(harness.parts.settings_store)
     assert record.version == 3
     assert record.totp_configured is True
     assert record.import_without_overwrite is False

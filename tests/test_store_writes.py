@@ -17,8 +17,8 @@ import pytest
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from service.errors import StoreUnavailable
-from service.redis_store import Store, WriteScript
+from service.core.connection import Connection, WriteScript
+from service.core.errors import StoreUnavailable
 from tests.conftest import AppHarness, make_config, setup_password
 from tests.support import RedisServer
 
@@ -32,7 +32,7 @@ class LostReply:
     """Drops the reply of the next run of one script after Redis has run it, as a connection
     that dies between the server's commit and our read would; redis-py then sends it again."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Connection):
         self.client = store.client
         self.sha = ""
         self.dropped = 0
@@ -52,8 +52,8 @@ class LostReply:
 
 @pytest.fixture
 def lost_reply(harness: AppHarness) -> Iterator[LostReply]:
-    client = harness.services.store.client
-    hook = LostReply(harness.services.store)
+    client = harness.parts.conn.client
+    hook = LostReply(harness.parts.conn)
     client._send_command_parse_response = hook.send  # type: ignore[method-assign]
     yield hook
     del client._send_command_parse_response
@@ -66,7 +66,7 @@ async def test_a_settings_write_retried_after_a_lost_reply_is_that_write(
     raw_redis: redis.Redis,
     prefix: str,
 ) -> None:
-    lost_reply.arm(harness.services.store._cas)
+    lost_reply.arm(harness.parts.settings_store._cas)
     r = await admin.put(
         "/api/settings",
         json={**REQUIRED, "routing_strategy": "round_robin"},
@@ -77,7 +77,7 @@ async def test_a_settings_write_retried_after_a_lost_reply_is_that_write(
     assert r.json()["version"] == 2
     assert raw_redis.llen(f"{prefix}settings:history") == 1
 
-    lost_reply.arm(harness.services.store._cas)
+    lost_reply.arm(harness.parts.settings_store._cas)
     r = await admin.put("/api/settings", json=REQUIRED)
     assert (r.status_code, r.json()["version"]) == (200, 3)  # one version, not two
     assert raw_redis.llen(f"{prefix}settings:history") == 2
@@ -87,7 +87,7 @@ async def test_a_key_delete_retried_after_a_lost_reply_is_204(
     harness: AppHarness, admin: httpx.AsyncClient, lost_reply: LostReply
 ) -> None:
     made = (await admin.post("/api/api-keys", json={"name": "k"})).json()
-    lost_reply.arm(harness.services.api_keys.store._write)
+    lost_reply.arm(harness.parts.api_keys.store._write)
     r = await admin.delete(f"/api/api-keys/{made['id']}")
     assert lost_reply.dropped == 1
     assert r.status_code == 204, r.text  # not 404: the retry found its own delete
@@ -115,11 +115,11 @@ def fail_settings_writes(harness: AppHarness) -> None:
     async def unreachable(*args: object, **kwargs: object) -> tuple[bool, int]:
         raise StoreUnavailable()
 
-    harness.services.store.compare_and_set_settings = unreachable  # type: ignore[method-assign]
+    harness.parts.settings_store.compare_and_set = unreachable  # type: ignore[method-assign]
 
 
 def restore_settings_writes(harness: AppHarness) -> None:
-    del harness.services.store.compare_and_set_settings
+    del harness.parts.settings_store.compare_and_set
 
 
 async def test_totp_confirm_that_fails_writes_neither_secret_nor_setting(
@@ -167,8 +167,8 @@ async def test_redis_turning_writes_away_is_a_503(tmp_path: Path) -> None:
                 r = await h.client.post("/api/api-keys", json={"name": "k"})
                 assert r.status_code == 503, r.text
                 assert r.json()["error"]["code"] == "store_unavailable"
-                await h.services.api_keys.sync()
-                await h.services.accounts.sync()
+                await h.parts.api_keys.sync()
+                await h.parts.accounts.sync()
             finally:
                 server.client().config_set("maxmemory", "0")
     finally:

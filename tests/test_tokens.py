@@ -17,7 +17,7 @@ import redis
 import respx
 
 from service.accounts.tokens import CLIENT_ID, SCOPE, ReauthRequired, RefreshFailed, TokenManager
-from service.errors import StoreUnavailable
+from service.core.errors import StoreUnavailable
 from tests.conftest import AppHarness
 from tests.factories import AUTH_CLAIM, auth_json, jwt
 from tests.test_accounts import (
@@ -118,7 +118,7 @@ async def test_access_token_refreshed_when_it_expires_within_5_minutes(
 ) -> None:
     # The manager's clock stands still: the boundary cases do not depend on the test's pace.
     now = float(int(time.time()))  # whole seconds, as in a JWT's exp
-    monkeypatch.setattr(harness.services.tokens, "clock", lambda: now)
+    monkeypatch.setattr(harness.parts.tokens, "clock", lambda: now)
     doc = auth_json(access_exp=now + expires_in)
     old = tokens_of(doc)
     reply = new_tokens("a")
@@ -210,7 +210,7 @@ async def test_upstream_401_refreshes_once_and_retries(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     now = time.time()
-    monkeypatch.setattr(harness.services.tokens, "clock", lambda: now)
+    monkeypatch.setattr(harness.parts.tokens, "clock", lambda: now)
     doc = auth_json()  # valid for an hour, but revoked upstream
     account_id = await import_one(harness, doc)
     # An opaque access token: its expiry comes from expires_in; no new refresh token either.
@@ -323,7 +323,7 @@ async def test_dead_refresh_token_needs_reimport_and_the_pool_keeps_serving(
         assert accounts[good]["status"] == "active"
 
         await wait_live(harness, lambda a: a[dead].status == "reauth_required")
-        assert [a.id for a in harness.services.accounts.serving()] == [good]
+        assert [a.id for a in harness.parts.accounts.serving()] == [good]
         calls_before = models.call_count
         for _ in range(5):
             assert (await admin.get("/v1/models")).status_code == 200
@@ -336,7 +336,7 @@ async def test_dead_refresh_token_needs_reimport_and_the_pool_keeps_serving(
 
         # A refresh asked for directly does not reach the OAuth server again either.
         with pytest.raises(ReauthRequired):
-            await harness.services.tokens.refresh(dead, 1)
+            await harness.parts.tokens.refresh(dead, 1)
         assert token.call_count == 1
 
     assert_no_secret(logs.text, secrets_of(dead_doc, good_doc), "the log")
@@ -393,7 +393,7 @@ async def test_a_passing_refresh_failure_keeps_the_account(
             assert r.status_code == 503, (attempt, r.text)
             assert account_hash(raw_redis, prefix, account_id) == before
         with pytest.raises(RefreshFailed):
-            await harness.services.tokens.refresh(account_id, 1)
+            await harness.parts.tokens.refresh(account_id, 1)
         assert account_hash(raw_redis, prefix, account_id) == before
         r = await admin.get("/v1/models")
         assert r.status_code == 200, r.text
@@ -429,7 +429,7 @@ async def test_ten_concurrent_refreshes_on_two_processes_make_one_exchange(
         token = mock.post(TOKEN_URL).mock(side_effect=exchange)
         async with AppHarness(harness.config) as other:
             await wait_live(other, lambda a: account_id in a)
-            managers = [harness.services.tokens, other.services.tokens]
+            managers = [harness.parts.tokens, other.parts.tokens]
             results = await asyncio.gather(
                 *(managers[i % 2].refresh(account_id, 1) for i in range(10))
             )
@@ -481,13 +481,13 @@ async def test_a_refresh_that_lost_the_race_returns_the_winners_tokens(
     reply = new_tokens("first")
     with respx.mock(assert_all_called=False) as mock:
         token = mock.post(TOKEN_URL).respond(200, json=reply)
-        first = await harness.services.tokens.refresh(account_id, 1)
-        late = await harness.services.tokens.refresh(account_id, 1)
+        first = await harness.parts.tokens.refresh(account_id, 1)
+        late = await harness.parts.tokens.refresh(account_id, 1)
         assert token.call_count == 1
         assert late.access_token == first.access_token == reply["access_token"]
         # A caller that already saw version 2 asks for a newer one: a real second exchange.
         token.respond(200, json=new_tokens("second"))
-        second = await harness.services.tokens.refresh(account_id, 2)
+        second = await harness.parts.tokens.refresh(account_id, 2)
         assert token.call_count == 2
         assert refresh_bodies(token)[1]["refresh_token"] == reply["refresh_token"]
     assert second.refresh_token == "rt-new-second"
@@ -507,9 +507,9 @@ REUSED = {
 
 def manager(h: AppHarness, **options: Any) -> TokenManager:
     """Another token manager of process ``h`` (its own in-process lock), e.g. a short lease."""
-    svc = h.services
+    svc = h.parts
     return TokenManager(
-        svc.store, svc.account_store, svc.box, svc.http, h.config.auth_base_url, **options
+        svc.leases, svc.account_store, svc.box, svc.http, h.config.auth_base_url, **options
     )
 
 
@@ -598,9 +598,9 @@ async def test_a_refused_refresh_token_does_not_kill_an_account_someone_else_ref
         token = mock.post(TOKEN_URL).mock(side_effect=exchange)
         async with AppHarness(harness.config) as other:
             await wait_live(other, lambda a: account_id in a)
-            a_task = asyncio.create_task(harness.services.tokens.refresh(account_id, 1))
+            a_task = asyncio.create_task(harness.parts.tokens.refresh(account_id, 1))
             await a_exchanging.wait()
-            b_tokens = await other.services.tokens.refresh(account_id, 1)
+            b_tokens = await other.parts.tokens.refresh(account_id, 1)
             a_tokens = await a_task
         assert token.call_count == 2
         assert refresh_bodies(token) == [expected_body("rt-secret-1")] * 2
@@ -647,7 +647,7 @@ def failing_token_stores(
 ) -> list[str]:
     """The next ``times`` writes of an account's tokens fail as if Redis were unreachable
     (``written``: after the write happened, as when the answer is lost)."""
-    store = h.services.account_store
+    store = h.parts.account_store
     update = store.update
     failed: list[str] = []
 
@@ -747,7 +747,7 @@ async def test_a_store_whose_answer_was_lost_is_not_taken_for_a_conflict(
     failed = failing_token_stores(monkeypatch, harness, times=1, written=True)
     with respx.mock(assert_all_called=False) as mock:
         token = mock.post(TOKEN_URL).respond(200, json=reply)
-        fresh = await harness.services.tokens.refresh(account_id, 1)
+        fresh = await harness.parts.tokens.refresh(account_id, 1)
         assert token.call_count == 1
     assert failed == [account_id]
     assert fresh.access_token == reply["access_token"]

@@ -18,53 +18,32 @@ from starlette.responses import Response
 
 from service.accounts import authjson
 from service.accounts.authjson import AuthJsonDocument, AuthJsonError, ParsedAuth
-from service.accounts.live import AccountState, parse_account
+from service.accounts.domain import AccountState, parse_account
+from service.accounts.schemas import AccountList, AccountView, ImportResult, ImportResults
+from service.accounts.store import AccountStore, NewAccount
 from service.accounts.tokens import Tokens, seal
-from service.errors import (
+from service.core.bodies import (
+    drain_empty_body,
+    is_json_content_type,
+    json_response,
+    read_body,
+    rfc3339,
+)
+from service.core.endpoints import Endpoint
+from service.core.errors import (
     InvalidAuthJson,
     NotFound,
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from service.http import drain_empty_body, is_json_content_type, json_response, read_body
-from service.records import rfc3339
-from service.redis_accounts import NewAccount
-from service.routing import Endpoint
-from service.schemas import Response as ResponseBody
-from service.state import Services, services
+from service.core.secret_box import SecretBox
+from service.settings.live import LiveSettings
 
 FILE_LIMIT = 1024 * 1024
 # The whole multipart request: a thousand auth.json files are a few MiB.
 REQUEST_LIMIT = 64 * 1024 * 1024
 MAX_FILES = 5000
 PART_NAME = "auth_json"
-
-
-class AccountView(ResponseBody):
-    id: str
-    chatgpt_account_id: str
-    email: str
-    plan_type: str | None
-    status: str
-    primary_used_percent: float | None
-    primary_reset_at: str | None
-    secondary_used_percent: float | None
-    secondary_reset_at: str | None
-    last_used_at: str | None
-
-
-class AccountList(ResponseBody):
-    accounts: list[AccountView]
-
-
-class ImportResult(ResponseBody):
-    filename: str
-    status: str
-    account: AccountView
-
-
-class ImportResults(ResponseBody):
-    results: list[ImportResult]
 
 
 def _time(epoch: float | None) -> str | None:
@@ -162,79 +141,81 @@ def _parse_all(documents: list[tuple[str, bytes]]) -> list[ParsedAuth]:
 # --- routes -------------------------------------------------------------------------------------
 
 
-async def import_accounts(request: Request) -> Response:
-    svc = services(request)
-    documents = await _documents(request)
-    parsed = _parse_all(documents)
-    overwrite = not svc.live.get().import_without_overwrite
-    new = [
-        NewAccount(
-            id=p.account_key,
-            chatgpt_account_id=p.chatgpt_account_id,
-            email=p.email,
-            plan_type=p.plan_type or "",
-            sealed_tokens=seal(
-                svc.box,
-                Tokens(
-                    access_token=p.access_token,
-                    refresh_token=p.refresh_token,
-                    id_token=p.id_token,
-                    access_expires_at=p.access_expires_at,
+class AccountRoutes:
+    def __init__(self, store: AccountStore, box: SecretBox, settings: LiveSettings):
+        self.store = store
+        self.box = box
+        self.settings = settings
+
+    async def import_accounts(self, request: Request) -> Response:
+        documents = await _documents(request)
+        parsed = _parse_all(documents)
+        overwrite = not self.settings.get().import_without_overwrite
+        new = [
+            NewAccount(
+                id=p.account_key,
+                chatgpt_account_id=p.chatgpt_account_id,
+                email=p.email,
+                plan_type=p.plan_type or "",
+                sealed_tokens=seal(
+                    self.box,
+                    Tokens(
+                        access_token=p.access_token,
+                        refresh_token=p.refresh_token,
+                        id_token=p.id_token,
+                        access_expires_at=p.access_expires_at,
+                    ),
                 ),
-            ),
-        )
-        for p in parsed
-    ]
-    statuses = await svc.account_store.import_accounts(new, overwrite=overwrite, now=time.time())
-    rows = await svc.account_store.get_many([a.id for a in new])
-    stored = {a.id: a for a in map(AccountState.from_fields, rows)}  # just written: well-formed
-    results = [
-        ImportResult(filename=filename, status=status, account=view(stored[account.id]))
-        for (filename, _), account, status in zip(documents, new, statuses, strict=True)
-    ]
-    return json_response(ImportResults(results=results))
+            )
+            for p in parsed
+        ]
+        statuses = await self.store.import_accounts(new, overwrite=overwrite, now=time.time())
+        rows = await self.store.get_many([a.id for a in new])
+        # Just written, so well-formed.
+        stored = {a.id: a for a in map(AccountState.from_fields, rows)}
+        results = [
+            ImportResult(filename=filename, status=status, account=view(stored[account.id]))
+            for (filename, _), account, status in zip(documents, new, statuses, strict=True)
+        ]
+        return json_response(ImportResults(results=results))
 
+    async def list_accounts(self, request: Request) -> Response:
+        _, _, rows = await self.store.snapshot()
+        parsed = (parse_account(i, fields) for i, fields in rows.items())
+        accounts = sorted((a for a in parsed if a), key=lambda a: (a.created_at, a.id))
+        return json_response(AccountList(accounts=[view(a) for a in accounts]))
 
-async def list_accounts(request: Request) -> Response:
-    _, _, rows = await services(request).account_store.snapshot()
-    parsed = (parse_account(i, fields) for i, fields in rows.items())
-    accounts = sorted((a for a in parsed if a), key=lambda a: (a.created_at, a.id))
-    return json_response(AccountList(accounts=[view(a) for a in accounts]))
+    async def _set_status(
+        self, request: Request, status: str, only_if: tuple[str, str] | None
+    ) -> Response:
+        await drain_empty_body(request)
+        account_id = request.path_params["account_id"]
+        if await self.store.update(account_id, {"status": status}, only_if=only_if) < 0:
+            raise NotFound("No such account")
+        account = parse_account(account_id, await self.store.get(account_id))
+        if account is None:
+            raise NotFound("No such account")
+        return json_response(view(account))
 
+    async def pause_account(self, request: Request) -> Response:
+        return await self._set_status(request, "paused", None)
 
-async def _set_status(request: Request, status: str, only_if: tuple[str, str] | None) -> Response:
-    await drain_empty_body(request)
-    svc: Services = services(request)
-    account_id = request.path_params["account_id"]
-    if await svc.account_store.update(account_id, {"status": status}, only_if=only_if) < 0:
-        raise NotFound("No such account")
-    account = parse_account(account_id, await svc.account_store.get(account_id))
-    if account is None:
-        raise NotFound("No such account")
-    return json_response(view(account))
+    async def resume_account(self, request: Request) -> Response:
+        # Only a paused account is resumed; any other status is left as it is.
+        return await self._set_status(request, "active", ("status", "paused"))
 
-
-async def pause_account(request: Request) -> Response:
-    return await _set_status(request, "paused", None)
-
-
-async def resume_account(request: Request) -> Response:
-    # Only a paused account is resumed; any other status is left as it is.
-    return await _set_status(request, "active", ("status", "paused"))
-
-
-async def delete_account(request: Request) -> Response:
-    await drain_empty_body(request)
-    if not await services(request).account_store.delete(request.path_params["account_id"]):
-        raise NotFound("No such account")
-    return Response(status_code=204)
+    async def delete_account(self, request: Request) -> Response:
+        await drain_empty_body(request)
+        if not await self.store.delete(request.path_params["account_id"]):
+            raise NotFound("No such account")
+        return Response(status_code=204)
 
 
 ENDPOINTS = [
     Endpoint(
         "POST",
         "/api/accounts/import",
-        import_accounts,
+        AccountRoutes.import_accounts,
         "Import Codex CLI auth.json files (multipart parts named auth_json, or one JSON)",
         "accounts",
         request=AuthJsonDocument,
@@ -245,7 +226,7 @@ ENDPOINTS = [
     Endpoint(
         "GET",
         "/api/accounts",
-        list_accounts,
+        AccountRoutes.list_accounts,
         "List accounts (never a token)",
         "accounts",
         response=AccountList,
@@ -253,7 +234,7 @@ ENDPOINTS = [
     Endpoint(
         "POST",
         "/api/accounts/{account_id}/pause",
-        pause_account,
+        AccountRoutes.pause_account,
         "Pause an account",
         "accounts",
         response=AccountView,
@@ -262,7 +243,7 @@ ENDPOINTS = [
     Endpoint(
         "POST",
         "/api/accounts/{account_id}/resume",
-        resume_account,
+        AccountRoutes.resume_account,
         "Resume a paused account",
         "accounts",
         response=AccountView,
@@ -271,7 +252,7 @@ ENDPOINTS = [
     Endpoint(
         "DELETE",
         "/api/accounts/{account_id}",
-        delete_account,
+        AccountRoutes.delete_account,
         "Delete an account",
         "accounts",
         status=204,

@@ -21,9 +21,7 @@ its owner (``release_lease`` checks), so a holder whose lease was lost frees nob
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import secrets
 import time
 from collections.abc import Callable
 
@@ -31,12 +29,12 @@ import httpx
 import msgspec
 
 from service.accounts.authjson import AuthJsonError, jwt_claims
-from service.accounts.live import AccountState
-from service.errors import StoreUnavailable
-from service.redis_accounts import AccountStore
-from service.redis_store import Store
-from service.secret_box import SecretBox
-from service.upstream import account_headers as _headers
+from service.accounts.domain import AccountState
+from service.accounts.store import AccountStore
+from service.core.control_client import account_headers as _headers
+from service.core.errors import StoreUnavailable
+from service.core.leases import HeldLease, Leases
+from service.core.secret_box import SecretBox
 
 log = logging.getLogger(__name__)
 
@@ -130,59 +128,10 @@ def _error_code(response: httpx.Response) -> str:
     return error or ""
 
 
-class _Lease:
-    """A refresh lease: renewed in the background while held, released only if still ours."""
-
-    def __init__(self, store: Store, name: str, seconds: float):
-        self.store = store
-        self.name = name
-        self.owner = secrets.token_hex(8)
-        self.seconds = seconds
-        # Until when the lease is surely ours (monotonic): the last grant we know of, counted
-        # from before we asked for it. 0 while not held, or once lost.
-        self.held_until = 0.0
-        self._renewal: asyncio.Task[None] | None = None
-
-    async def acquire(self) -> bool:
-        asked = time.monotonic()
-        if not await self.store.acquire_lease(self.name, self.owner, self.seconds):
-            return False
-        self.held_until = asked + self.seconds
-        self._renewal = asyncio.create_task(self._renew(), name=f"renew lease:{self.name}")
-        return True
-
-    async def _renew(self) -> None:
-        while True:
-            await asyncio.sleep(self.seconds / 3)
-            asked = time.monotonic()
-            try:
-                ours = await self.store.renew_lease(self.name, self.owner, self.seconds)
-            except StoreUnavailable:
-                # Not lost yet: the last grant still runs, and the next renewal may get through.
-                log.warning("could not renew the lease %s: the store is unavailable", self.name)
-                continue
-            if not ours:
-                log.warning("lost the lease %s while refreshing", self.name)
-                self.held_until = 0.0
-                return
-            self.held_until = asked + self.seconds
-
-    async def release(self) -> None:
-        if self._renewal is not None:
-            self._renewal.cancel()
-            # wait(), not await: a cancellation of our own caller must still reach it.
-            await asyncio.wait([self._renewal])
-            self._renewal = None
-        self.held_until = 0.0
-        # If the store is down the lease simply expires; the refresh's outcome stands.
-        with contextlib.suppress(StoreUnavailable):
-            await self.store.release_lease(self.name, self.owner)
-
-
 class TokenManager:
     def __init__(
         self,
-        store: Store,
+        leases: Leases,
         accounts: AccountStore,
         box: SecretBox,
         http: httpx.AsyncClient,
@@ -195,7 +144,7 @@ class TokenManager:
         """``lease_seconds`` is the refresh lease's length (renewed every third of it while
         held); ``exchange_seconds`` bounds one exchange with the OAuth server; ``clock`` is the
         wall clock that decides expiry."""
-        self.store = store
+        self.leases = leases
         self.accounts = accounts
         self.box = box
         self.http = http
@@ -237,7 +186,7 @@ class TokenManager:
             version, tokens = await self._stored(account_id)
             if version > seen_version:
                 return version, tokens
-            lease = _Lease(self.store, f"refresh:{account_id}", self.lease_seconds)
+            lease = HeldLease(self.leases, f"refresh:{account_id}", self.lease_seconds)
             deadline = time.monotonic() + WAIT_SECONDS
             while not await lease.acquire():
                 # Another process is exchanging this account's token: wait for its result.
@@ -274,7 +223,7 @@ class TokenManager:
             log.error("%s token refresh(es) still running at shutdown; abandoned", len(pending))
 
     async def _exchange_and_store(
-        self, account_id: str, seen_version: int, lease: _Lease
+        self, account_id: str, seen_version: int, lease: HeldLease
     ) -> tuple[int, Tokens]:
         try:
             version, tokens = await self._stored(account_id)
@@ -303,7 +252,7 @@ class TokenManager:
         raise ReauthRequired(f"account {account_id} needs to be imported again")
 
     async def _store_fresh(
-        self, account_id: str, version: int, fresh: Tokens, lease: _Lease
+        self, account_id: str, version: int, fresh: Tokens, lease: HeldLease
     ) -> tuple[int, Tokens]:
         """Store tokens just exchanged. The old refresh token is spent, so these are the
         account's only working ones: a passing store failure is retried for up to one lease

@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from service.clients import Address
-from service.errors import RateLimited, ServiceError
-from service.redis_store import Store
+from service.auth.store import AuthStore
+from service.core.errors import RateLimited, ServiceError
+from service.core.peers import Address
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ NO_CLIENT_ADDRESS = (
 
 
 async def checked(
-    store: Store,
+    store: AuthStore,
     client: Address | None,
     check: Callable[[], Awaitable[bool]],
     failure: ServiceError,

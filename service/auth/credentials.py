@@ -13,11 +13,11 @@ import secrets
 import msgspec
 
 from service.auth import passwords, totp
-from service.live import LiveSettings
-from service.records import SettingsRecord
-from service.redis_store import Store
-from service.secret_box import KeyError_, SecretBox
-from service.settings import Change, write_settings
+from service.auth.store import AuthStore
+from service.core.secret_box import EncryptionKeyError, SecretBox
+from service.settings.domain import Edit, write_settings
+from service.settings.live import LiveSettings
+from service.settings.store import SettingsRecord, SettingsStore
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,15 @@ TOTP_SETUP_SECONDS = 600
 
 
 class Credentials:
-    def __init__(self, store: Store, box: SecretBox, env_bootstrap_token: str | None):
+    def __init__(
+        self,
+        store: AuthStore,
+        settings: SettingsStore,
+        box: SecretBox,
+        env_bootstrap_token: str | None,
+    ):
         self.store = store
+        self.settings = settings
         self.box = box
         self.env_bootstrap_token = env_bootstrap_token
 
@@ -46,7 +53,7 @@ class Credentials:
         """First run only: False if a password exists already (checked atomically)."""
         if not await self.store.set_password_if_absent(await passwords.hash_password(password)):
             return False
-        await self.store.delete(self.store.bootstrap_key)
+        await self.store.delete(self.store.keys.bootstrap)
         return True
 
     async def set_password(self, password: str, *, keep_session: str = "") -> int:
@@ -57,7 +64,7 @@ class Credentials:
         await self.store.set_auth_field(
             "password_hash", (await passwords.hash_password(password)).encode()
         )
-        await self.store.delete(self.store.bootstrap_key)
+        await self.store.delete(self.store.keys.bootstrap)
         return await self.store.revoke_sessions(keep_session)
 
     # --- first-run bootstrap token ------------------------------------------------------------
@@ -72,7 +79,7 @@ class Credentials:
         if self.env_bootstrap_token or await self.password_configured():
             return False
         token = secrets.token_urlsafe(24)
-        if not await self.store.set(self.store.bootstrap_key, self.box.seal(token), nx=True):
+        if not await self.store.set(self.store.keys.bootstrap, self.box.seal(token), nx=True):
             return False
         log.warning("first run: dashboard bootstrap token is %s", token)
         return True
@@ -80,7 +87,7 @@ class Credentials:
     async def bootstrap_token(self) -> str | None:
         if self.env_bootstrap_token:
             return self.env_bootstrap_token
-        sealed = await self.store.get(self.store.bootstrap_key)
+        sealed = await self.store.get(self.store.keys.bootstrap)
         return None if sealed is None else self.box.open(sealed)
 
     async def check_bootstrap_token(self, candidate: str) -> bool:
@@ -92,7 +99,7 @@ class Credentials:
     async def start_totp_setup(self) -> str:
         secret = totp.new_secret()
         await self.store.set(
-            self.store.totp_pending_key, self.box.seal(secret), ex=TOTP_SETUP_SECONDS
+            self.store.keys.totp_pending, self.box.seal(secret), ex=TOTP_SETUP_SECONDS
         )
         return secret
 
@@ -104,7 +111,7 @@ class Credentials:
         return step is not None and await self.store.use_totp_step(step)
 
     async def confirm_totp_setup(self, live: LiveSettings, code: str) -> bool:
-        sealed = await self.store.get(self.store.totp_pending_key)
+        sealed = await self.store.get(self.store.keys.totp_pending)
         secret = None if sealed is None else self.box.open(sealed)
         if not await self._claim(secret, code):
             return False
@@ -112,7 +119,7 @@ class Credentials:
         # One atomic step with the settings: never a secret without totp_configured, nor the
         # reverse (CONTRACT §4: a failure in between could lock the admin out).
         await write_settings(
-            self.store, live, _totp(configured=True), totp_secret=self.box.seal(secret)
+            self.settings, live, _totp(configured=True), totp_secret=self.box.seal(secret)
         )
         return True
 
@@ -126,22 +133,24 @@ class Credentials:
     async def remove_totp(self, live: LiveSettings) -> SettingsRecord:
         """TOTP off and not required (disable with a code, or ``admin reset-totp``), in one
         atomic step with the settings."""
-        return await write_settings(self.store, live, _totp(configured=False), totp_secret=None)
+        return await write_settings(self.settings, live, _totp(configured=False), totp_secret=None)
 
     # --- the encryption key -------------------------------------------------------------------
 
     async def check_key_fingerprint(self) -> None:
         """Refuse a key that is not the deployment's: its secrets would not open."""
-        await self.store.set(self.store.fingerprint_key, self.box.fingerprint.encode(), nx=True)
-        stored = await self.store.get(self.store.fingerprint_key)
+        await self.store.set(
+            self.store.keys.key_fingerprint, self.box.fingerprint.encode(), nx=True
+        )
+        stored = await self.store.get(self.store.keys.key_fingerprint)
         if stored is not None and stored.decode() != self.box.fingerprint:
-            raise KeyError_(
+            raise EncryptionKeyError(
                 "CODEX_LB_ENCRYPTION_KEY does not match the key this deployment's data was "
                 "encrypted with; every replica must use the same key"
             )
 
 
-def _totp(*, configured: bool) -> Change:
+def _totp(*, configured: bool) -> Edit:
     def change(current: SettingsRecord) -> SettingsRecord:
         if configured:
             return msgspec.structs.replace(current, totp_configured=True)

@@ -11,16 +11,16 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.auth import sessions
-from service.clients import own_origin
-from service.errors import (
+from service.auth.sessions import Sessions
+from service.config import Network
+from service.core.errors import (
     CsrfRejected,
     ServiceError,
     TotpRequired,
     Unauthorized,
     dashboard_error_response,
 )
-from service.state import Services
+from service.core.peers import own_origin
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PUBLIC_PREFIXES = ("/api/dashboard-auth/", "/api/codex/usage")
@@ -37,8 +37,12 @@ def requires_session(path: str) -> bool:
 
 
 class DashboardGuard:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(
+        self, app: ASGIApp, *, sessions: Sessions, trusted_proxies: tuple[Network, ...]
+    ) -> None:
         self.app = app
+        self.sessions = sessions
+        self.trusted_proxies = trusted_proxies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/api/"):
@@ -51,12 +55,11 @@ class DashboardGuard:
             await send(message)
 
         conn = HTTPConnection(scope)
-        svc: Services = scope["app"].state.services
         try:
             if checks_origin(scope["method"], scope["path"]):
-                self._check_origin(conn, svc)
+                self._check_origin(conn)
             if requires_session(scope["path"]):
-                session = await sessions.resolve(svc.store, svc.config, conn)
+                session = await self.sessions.resolve(conn)
                 if session is None:
                     raise Unauthorized()
                 if session.totp_pending:
@@ -66,12 +69,9 @@ class DashboardGuard:
             return
         await self.app(scope, receive, send_no_store)
 
-    @staticmethod
-    def _check_origin(conn: HTTPConnection, svc: Services) -> None:
+    def _check_origin(self, conn: HTTPConnection) -> None:
         if conn.headers.get("sec-fetch-site") == "cross-site":
             raise CsrfRejected()
         origin = conn.headers.get("origin")
-        if origin is not None and origin.lower() != own_origin(
-            conn, svc.config.trusted_proxy_cidrs
-        ):
+        if origin is not None and origin.lower() != own_origin(conn, self.trusted_proxies):
             raise CsrfRejected()

@@ -10,11 +10,23 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.auth import sessions, totp
+from service.auth import totp
 from service.auth.attempts import checked
 from service.auth.credentials import Credentials
-from service.clients import Address, client_address
-from service.errors import (
+from service.auth.schemas import (
+    PasswordChange,
+    PasswordLogin,
+    PasswordSetup,
+    SessionView,
+    TotpCodeBody,
+    TotpSetupView,
+)
+from service.auth.sessions import Sessions, cookie_token, token_hash
+from service.auth.store import AuthStore, SessionRecord
+from service.config import Config
+from service.core.bodies import drain_empty_body, json_response, read_json
+from service.core.endpoints import Endpoint
+from service.core.errors import (
     InvalidBootstrapToken,
     InvalidCredentials,
     InvalidTotpCode,
@@ -23,19 +35,10 @@ from service.errors import (
     RateLimited,
     Unauthorized,
 )
-from service.http import drain_empty_body, json_response, read_json
-from service.records import SessionRecord
-from service.routing import Endpoint
-from service.schemas import (
-    PasswordChange,
-    PasswordLogin,
-    PasswordSetup,
-    SessionView,
-    TotpCodeBody,
-    TotpSetupView,
-)
-from service.settings import read_settings
-from service.state import Services, services
+from service.core.peers import Address, client_address
+from service.settings.domain import read_settings
+from service.settings.live import LiveSettings
+from service.settings.store import SettingsStore
 
 PREFIX = "/api/dashboard-auth"
 
@@ -45,164 +48,158 @@ _change_decoder = msgspec.json.Decoder(PasswordChange)
 _code_decoder = msgspec.json.Decoder(TotpCodeBody)
 
 
-def _credentials(svc: Services) -> Credentials:
-    return Credentials(svc.store, svc.box, svc.config.bootstrap_token)
+class AuthRoutes:
+    def __init__(
+        self,
+        store: AuthStore,
+        sessions: Sessions,
+        credentials: Credentials,
+        settings_store: SettingsStore,
+        settings: LiveSettings,
+        config: Config,
+    ):
+        self.store = store
+        self.sessions = sessions
+        self.creds = credentials
+        self.settings_store = settings_store
+        self.settings = settings
+        self.config = config
 
+    async def _session_view(self, session: SessionRecord | None) -> SessionView:
+        settings = await read_settings(self.settings_store, self.settings)
+        configured = await self.creds.password_configured()
+        return SessionView(
+            authenticated=session is not None and not session.totp_pending,
+            password_configured=configured,
+            totp_configured=settings.totp_configured,
+            totp_required_on_login=settings.totp_required_on_login,
+            totp_pending=session is not None and session.totp_pending,
+            bootstrap_required=not configured,
+        )
 
-async def _session_view(svc: Services, session: SessionRecord | None) -> SessionView:
-    creds = _credentials(svc)
-    settings = await read_settings(svc.store, svc.live)
-    configured = await creds.password_configured()
-    return SessionView(
-        authenticated=session is not None and not session.totp_pending,
-        password_configured=configured,
-        totp_configured=settings.totp_configured,
-        totp_required_on_login=settings.totp_required_on_login,
-        totp_pending=session is not None and session.totp_pending,
-        bootstrap_required=not configured,
-    )
+    async def _require(self, request: Request, *, pending: bool = False) -> SessionRecord:
+        """The caller's session: a full one, or (``pending``) one still owing the TOTP step."""
+        session = await self.sessions.resolve(request)
+        if session is None or session.totp_pending != pending:
+            raise Unauthorized()
+        return session
 
+    async def _login_response(self, request: Request, *, totp_pending: bool) -> Response:
+        """End the caller's old session, if any, and hand out a brand-new token."""
+        await self.sessions.end(request)
+        token = await self.sessions.start(totp_pending=totp_pending)
+        session = await self.sessions.touch(token)
+        response = json_response(await self._session_view(session))
+        self.sessions.set_cookie(response, token, request)
+        return response
 
-async def _require(request: Request, *, pending: bool = False) -> SessionRecord:
-    """The caller's session: a full one, or (``pending``) one still owing the TOTP step."""
-    svc = services(request)
-    session = await sessions.resolve(svc.store, svc.config, request)
-    if session is None or session.totp_pending != pending:
-        raise Unauthorized()
-    return session
+    def _ip(self, request: Request) -> Address | None:
+        return client_address(request, self.config.trusted_proxy_cidrs)
 
+    async def get_session(self, request: Request) -> Response:
+        return json_response(await self._session_view(await self.sessions.resolve(request)))
 
-async def _login_response(request: Request, *, totp_pending: bool) -> Response:
-    """End the caller's old session, if any, and hand out a brand-new token."""
-    svc = services(request)
-    await sessions.end(svc.store, request)
-    token = await sessions.start(svc.store, svc.config, totp_pending=totp_pending)
-    session = await svc.store.touch_session(
-        sessions.token_hash(token), svc.config.session_idle_seconds
-    )
-    response = json_response(await _session_view(svc, session))
-    sessions.set_cookie(response, token, svc.config, request)
-    return response
+    async def password_setup(self, request: Request) -> Response:
+        body = await read_json(request, _setup_decoder)
+        creds = self.creds
+        if await creds.password_configured():
+            raise PasswordAlreadyConfigured()
+        await checked(
+            self.store,
+            self._ip(request),
+            lambda: creds.check_bootstrap_token(body.bootstrap_token),
+            InvalidBootstrapToken(),
+        )
+        if not await creds.setup_password(body.password):
+            raise PasswordAlreadyConfigured()
+        return await self._login_response(request, totp_pending=False)
 
+    async def password_login(self, request: Request) -> Response:
+        body = await read_json(request, _login_decoder)
+        creds = self.creds
+        await checked(
+            self.store,
+            self._ip(request),
+            lambda: creds.verify_password(body.password),
+            InvalidCredentials(),
+        )
+        # The stored record, not the local copy: a requirement switched on a moment ago
+        # elsewhere must already apply.
+        settings = await read_settings(self.settings_store, self.settings)
+        pending = settings.totp_required_on_login and settings.totp_configured
+        return await self._login_response(request, totp_pending=pending)
 
-def _ip(request: Request) -> Address | None:
-    return client_address(request, services(request).config.trusted_proxy_cidrs)
+    async def password_change(self, request: Request) -> Response:
+        session = await self._require(request)
+        body = await read_json(request, _change_decoder)
+        creds = self.creds
+        await checked(
+            self.store,
+            self._ip(request),
+            lambda: creds.verify_password(body.current_password),
+            InvalidCredentials(),
+        )
+        token = cookie_token(request) or ""
+        await creds.set_password(body.new_password, keep_session=token_hash(token))
+        return json_response(await self._session_view(session))
 
+    async def logout(self, request: Request) -> Response:
+        await drain_empty_body(request)
+        await self.sessions.end(request)
+        response = json_response(await self._session_view(None))
+        self.sessions.clear_cookie(response, request)
+        return response
 
-async def get_session(request: Request) -> Response:
-    svc = services(request)
-    return json_response(
-        await _session_view(svc, await sessions.resolve(svc.store, svc.config, request))
-    )
+    async def totp_setup_start(self, request: Request) -> Response:
+        await drain_empty_body(request)
+        await self._require(request)
+        if (await read_settings(self.settings_store, self.settings)).totp_configured:
+            raise InvalidTotpConfig(
+                "TOTP is already configured; disable it before setting it up again"
+            )
+        secret = await self.creds.start_totp_setup()
+        uri = totp.provisioning_uri(secret)
+        return json_response(
+            TotpSetupView(secret=secret, otpauth_uri=uri, qr_svg_data_uri=totp.qr_svg_data_uri(uri))
+        )
 
+    async def totp_setup_confirm(self, request: Request) -> Response:
+        session = await self._require(request)
+        body = await read_json(request, _code_decoder)
+        creds, live = self.creds, self.settings
+        await checked(
+            self.store,
+            self._ip(request),
+            lambda: creds.confirm_totp_setup(live, body.code),
+            InvalidTotpCode(),
+        )
+        return json_response(await self._session_view(session))
 
-async def password_setup(request: Request) -> Response:
-    body = await read_json(request, _setup_decoder)
-    svc = services(request)
-    creds = _credentials(svc)
-    if await creds.password_configured():
-        raise PasswordAlreadyConfigured()
-    await checked(
-        svc.store,
-        _ip(request),
-        lambda: creds.check_bootstrap_token(body.bootstrap_token),
-        InvalidBootstrapToken(),
-    )
-    if not await creds.setup_password(body.password):
-        raise PasswordAlreadyConfigured()
-    return await _login_response(request, totp_pending=False)
+    async def totp_verify(self, request: Request) -> Response:
+        await self._require(request, pending=True)
+        body = await read_json(request, _code_decoder)
+        creds = self.creds
+        await checked(
+            self.store, self._ip(request), lambda: creds.verify_totp(body.code), InvalidTotpCode()
+        )
+        return await self._login_response(request, totp_pending=False)
 
-
-async def password_login(request: Request) -> Response:
-    body = await read_json(request, _login_decoder)
-    svc = services(request)
-    creds = _credentials(svc)
-    await checked(
-        svc.store, _ip(request), lambda: creds.verify_password(body.password), InvalidCredentials()
-    )
-    # The stored record, not the local copy: a requirement switched on a moment ago elsewhere
-    # must already apply.
-    settings = await read_settings(svc.store, svc.live)
-    pending = settings.totp_required_on_login and settings.totp_configured
-    return await _login_response(request, totp_pending=pending)
-
-
-async def password_change(request: Request) -> Response:
-    session = await _require(request)
-    body = await read_json(request, _change_decoder)
-    svc = services(request)
-    creds = _credentials(svc)
-    await checked(
-        svc.store,
-        _ip(request),
-        lambda: creds.verify_password(body.current_password),
-        InvalidCredentials(),
-    )
-    token = sessions.cookie_token(request) or ""
-    await creds.set_password(body.new_password, keep_session=sessions.token_hash(token))
-    return json_response(await _session_view(svc, session))
-
-
-async def logout(request: Request) -> Response:
-    await drain_empty_body(request)
-    svc = services(request)
-    await sessions.end(svc.store, request)
-    response = json_response(await _session_view(svc, None))
-    sessions.clear_cookie(response, svc.config, request)
-    return response
-
-
-async def totp_setup_start(request: Request) -> Response:
-    await drain_empty_body(request)
-    await _require(request)
-    svc = services(request)
-    if (await read_settings(svc.store, svc.live)).totp_configured:
-        raise InvalidTotpConfig("TOTP is already configured; disable it before setting it up again")
-    secret = await _credentials(svc).start_totp_setup()
-    uri = totp.provisioning_uri(secret)
-    return json_response(
-        TotpSetupView(secret=secret, otpauth_uri=uri, qr_svg_data_uri=totp.qr_svg_data_uri(uri))
-    )
-
-
-async def totp_setup_confirm(request: Request) -> Response:
-    session = await _require(request)
-    body = await read_json(request, _code_decoder)
-    svc = services(request)
-    creds = _credentials(svc)
-    await checked(
-        svc.store,
-        _ip(request),
-        lambda: creds.confirm_totp_setup(svc.live, body.code),
-        InvalidTotpCode(),
-    )
-    return json_response(await _session_view(svc, session))
-
-
-async def totp_verify(request: Request) -> Response:
-    await _require(request, pending=True)
-    body = await read_json(request, _code_decoder)
-    svc = services(request)
-    creds = _credentials(svc)
-    await checked(svc.store, _ip(request), lambda: creds.verify_totp(body.code), InvalidTotpCode())
-    return await _login_response(request, totp_pending=False)
-
-
-async def totp_disable(request: Request) -> Response:
-    session = await _require(request)
-    body = await read_json(request, _code_decoder)
-    svc = services(request)
-    creds = _credentials(svc)
-    await checked(svc.store, _ip(request), lambda: creds.verify_totp(body.code), InvalidTotpCode())
-    await creds.remove_totp(svc.live)
-    return json_response(await _session_view(svc, session))
+    async def totp_disable(self, request: Request) -> Response:
+        session = await self._require(request)
+        body = await read_json(request, _code_decoder)
+        creds = self.creds
+        await checked(
+            self.store, self._ip(request), lambda: creds.verify_totp(body.code), InvalidTotpCode()
+        )
+        await creds.remove_totp(self.settings)
+        return json_response(await self._session_view(session))
 
 
 ENDPOINTS = [
     Endpoint(
         "GET",
         f"{PREFIX}/session",
-        get_session,
+        AuthRoutes.get_session,
         "Session and set-up state",
         "auth",
         response=SessionView,
@@ -211,7 +208,7 @@ ENDPOINTS = [
     Endpoint(
         "POST",
         f"{PREFIX}/password/setup",
-        password_setup,
+        AuthRoutes.password_setup,
         "First run: set the password with the bootstrap token",
         "auth",
         request=PasswordSetup,
@@ -222,7 +219,7 @@ ENDPOINTS = [
     Endpoint(
         "POST",
         f"{PREFIX}/password/login",
-        password_login,
+        AuthRoutes.password_login,
         "Log in with the password",
         "auth",
         request=PasswordLogin,
@@ -233,7 +230,7 @@ ENDPOINTS = [
     Endpoint(
         "POST",
         f"{PREFIX}/password/change",
-        password_change,
+        AuthRoutes.password_change,
         "Change the password; ends every other session",
         "auth",
         request=PasswordChange,
@@ -243,7 +240,7 @@ ENDPOINTS = [
     Endpoint(
         "POST",
         f"{PREFIX}/logout",
-        logout,
+        AuthRoutes.logout,
         "End this session",
         "auth",
         response=SessionView,
@@ -252,7 +249,7 @@ ENDPOINTS = [
     Endpoint(
         "POST",
         f"{PREFIX}/totp/setup/start",
-        totp_setup_start,
+        AuthRoutes.totp_setup_start,
         "Start TOTP enrolment: secret, otpauth URI, QR code",
         "auth",
         response=TotpSetupView,
@@ -261,7 +258,7 @@ ENDPOINTS = [
     Endpoint(
         "POST",
         f"{PREFIX}/totp/setup/confirm",
-        totp_setup_confirm,
+        AuthRoutes.totp_setup_confirm,
         "Confirm TOTP enrolment with a code",
         "auth",
         request=TotpCodeBody,
@@ -271,7 +268,7 @@ ENDPOINTS = [
     Endpoint(
         "POST",
         f"{PREFIX}/totp/verify",
-        totp_verify,
+        AuthRoutes.totp_verify,
         "Complete a TOTP-pending login",
         "auth",
         request=TotpCodeBody,
@@ -282,7 +279,7 @@ ENDPOINTS = [
     Endpoint(
         "POST",
         f"{PREFIX}/totp/disable",
-        totp_disable,
+        AuthRoutes.totp_disable,
         "Turn TOTP off with a code",
         "auth",
         request=TotpCodeBody,

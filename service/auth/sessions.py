@@ -14,10 +14,9 @@ import time
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
-from service.clients import scheme
+from service.auth.store import AuthStore, SessionRecord
 from service.config import Config
-from service.records import SessionRecord
-from service.redis_store import Store
+from service.core.peers import scheme
 
 COOKIE = "dashboard_session"
 
@@ -34,50 +33,55 @@ def cookie_token(conn: HTTPConnection) -> str | None:
     return token
 
 
-async def resolve(store: Store, config: Config, conn: HTTPConnection) -> SessionRecord | None:
-    token = cookie_token(conn)
-    if token is None:
-        return None
-    return await store.touch_session(token_hash(token), config.session_idle_seconds)
+class Sessions:
+    def __init__(self, store: AuthStore, config: Config):
+        self.store = store
+        self.config = config
 
+    async def resolve(self, conn: HTTPConnection) -> SessionRecord | None:
+        token = cookie_token(conn)
+        if token is None:
+            return None
+        return await self.touch(token)
 
-async def start(store: Store, config: Config, *, totp_pending: bool) -> str:
-    """A new session (never a reused id: rotation at login and after TOTP); returns the token."""
-    token = secrets.token_urlsafe(32)
-    now = time.time()
-    record = SessionRecord(
-        created_at=now, expires_at=now + config.session_max_seconds, totp_pending=totp_pending
-    )
-    ttl = min(config.session_idle_seconds, config.session_max_seconds)
-    await store.create_session(token_hash(token), record, ttl)
-    return token
+    async def touch(self, token: str) -> SessionRecord | None:
+        return await self.store.touch_session(token_hash(token), self.config.session_idle_seconds)
 
+    async def start(self, *, totp_pending: bool) -> str:
+        """A new session (never a reused id: rotation at login and after TOTP); its token."""
+        token = secrets.token_urlsafe(32)
+        now = time.time()
+        record = SessionRecord(
+            created_at=now,
+            expires_at=now + self.config.session_max_seconds,
+            totp_pending=totp_pending,
+        )
+        ttl = min(self.config.session_idle_seconds, self.config.session_max_seconds)
+        await self.store.create_session(token_hash(token), record, ttl)
+        return token
 
-async def end(store: Store, conn: HTTPConnection) -> None:
-    token = cookie_token(conn)
-    if token is not None:
-        await store.delete_session(token_hash(token))
+    async def end(self, conn: HTTPConnection) -> None:
+        token = cookie_token(conn)
+        if token is not None:
+            await self.store.delete_session(token_hash(token))
 
+    def _secure(self, conn: HTTPConnection) -> bool:
+        if self.config.cookie_secure == "auto":
+            return scheme(conn, self.config.trusted_proxy_cidrs) == "https"
+        return self.config.cookie_secure == "true"
 
-def _secure(config: Config, conn: HTTPConnection) -> bool:
-    if config.cookie_secure == "auto":
-        return scheme(conn, config.trusted_proxy_cidrs) == "https"
-    return config.cookie_secure == "true"
+    def set_cookie(self, response: Response, token: str, conn: HTTPConnection) -> None:
+        response.set_cookie(
+            COOKIE,
+            token,
+            max_age=self.config.session_max_seconds,
+            path="/",
+            httponly=True,
+            samesite="strict",
+            secure=self._secure(conn),
+        )
 
-
-def set_cookie(response: Response, token: str, config: Config, conn: HTTPConnection) -> None:
-    response.set_cookie(
-        COOKIE,
-        token,
-        max_age=config.session_max_seconds,
-        path="/",
-        httponly=True,
-        samesite="strict",
-        secure=_secure(config, conn),
-    )
-
-
-def clear_cookie(response: Response, config: Config, conn: HTTPConnection) -> None:
-    response.delete_cookie(
-        COOKIE, path="/", httponly=True, samesite="strict", secure=_secure(config, conn)
-    )
+    def clear_cookie(self, response: Response, conn: HTTPConnection) -> None:
+        response.delete_cookie(
+            COOKIE, path="/", httponly=True, samesite="strict", secure=self._secure(conn)
+        )

@@ -1,1 +1,1 @@
-"""The OpenAI-compatible proxy routes and the API-key gate in front of them."""
+"""The OpenAI-compatible proxy: the API-key gate, the balancer and the routes behind them."""

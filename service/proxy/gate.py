@@ -14,9 +14,12 @@ from __future__ import annotations
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.clients import client_address, direct_loopback, within
-from service.errors import InvalidApiKey, NotReady, ServiceError, openai_error_response
-from service.state import Services
+from service.api_keys.live import LiveApiKeys
+from service.config import Config
+from service.core.errors import InvalidApiKey, NotReady, ServiceError, openai_error_response
+from service.core.hub import Hub
+from service.core.peers import client_address, direct_loopback, within
+from service.settings.live import LiveSettings
 
 GATED_PREFIXES = ("/v1/", "/backend-api/codex/", "/backend-api/transcribe")
 KEYLESS_REFUSED = (
@@ -37,35 +40,45 @@ def bearer(conn: HTTPConnection) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
-def admit(svc: Services, conn: HTTPConnection) -> None:
-    """Raise unless this request may use the proxy."""
-    settings = svc.live.current
-    if settings is None or not svc.live.ready or svc.draining:
-        raise NotReady("codex-lb is not ready to serve requests")
-    key = bearer(conn)
-    if settings.api_key_auth_enabled:
-        if key is None or svc.api_keys.check_key(key) is None:
-            raise InvalidApiKey()
-        return
-    if key is not None and svc.api_keys.check_key(key) is not None:
-        return
-    trusted = svc.config.trusted_proxy_cidrs
-    if direct_loopback(conn, trusted):
-        return
-    ip = client_address(conn, trusted)
-    if ip is not None and within(ip, svc.config.proxy_unauthenticated_client_cidrs):
-        return
-    raise InvalidApiKey(KEYLESS_REFUSED)
+class Admission:
+    """Who may use the proxy, decided from this process's live copies."""
+
+    def __init__(self, hub: Hub, settings: LiveSettings, keys: LiveApiKeys, config: Config):
+        self.hub = hub
+        self.settings = settings
+        self.keys = keys
+        self.config = config
+
+    def admit(self, conn: HTTPConnection) -> None:
+        """Raise unless this request may use the proxy."""
+        settings = self.settings.current
+        if settings is None or not self.hub.ready or self.hub.draining:
+            raise NotReady("codex-lb is not ready to serve requests")
+        key = bearer(conn)
+        if settings.api_key_auth_enabled:
+            if key is None or self.keys.check_key(key) is None:
+                raise InvalidApiKey()
+            return
+        if key is not None and self.keys.check_key(key) is not None:
+            return
+        trusted = self.config.trusted_proxy_cidrs
+        if direct_loopback(conn, trusted):
+            return
+        ip = client_address(conn, trusted)
+        if ip is not None and within(ip, self.config.proxy_unauthenticated_client_cidrs):
+            return
+        raise InvalidApiKey(KEYLESS_REFUSED)
 
 
 class ApiKeyGate:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, admission: Admission) -> None:
         self.app = app
+        self.admission = admission
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and gated(scope["path"]):
             try:
-                admit(scope["app"].state.services, HTTPConnection(scope))
+                self.admission.admit(HTTPConnection(scope))
             except ServiceError as exc:
                 await openai_error_response(exc)(scope, receive, send)
                 return

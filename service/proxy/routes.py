@@ -11,13 +11,12 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.accounts.live import AccountState, Usage
-from service.accounts.tokens import ReauthRequired, RefreshFailed
-from service.errors import NoAccounts, UpstreamError
-from service.http import json_response
-from service.routing import Endpoint
-from service.schemas import Response as ResponseBody
-from service.state import Services, services
+from service.accounts.domain import AccountState, Usage
+from service.accounts.live import LiveAccounts
+from service.accounts.tokens import ReauthRequired, RefreshFailed, TokenManager
+from service.core.bodies import ResponseBody, json_response
+from service.core.endpoints import Endpoint
+from service.core.errors import NoAccounts, UpstreamError
 
 # --- /v1/models ---------------------------------------------------------------------------------
 
@@ -43,33 +42,6 @@ class _UpstreamModels(msgspec.Struct):
 
 
 _models = msgspec.json.Decoder(_UpstreamModels)
-
-
-async def _get_with_account(svc: Services, path: str) -> httpx.Response:
-    """GET an upstream route with one serving account, refreshing its token once on a 401."""
-    candidates = svc.accounts.serving()
-    random.shuffle(candidates)
-    url = f"{svc.config.upstream_base_url}{path}"
-    for account in candidates:
-        try:
-            response = await svc.tokens.get_as(account, url)
-        except (ReauthRequired, RefreshFailed, httpx.HTTPError):
-            continue  # try the next account
-        if response.status_code == 401 or response.status_code >= 500:
-            continue
-        return response
-    raise NoAccounts()
-
-
-async def list_models(request: Request) -> Response:
-    response = await _get_with_account(services(request), "/codex/models")
-    if response.status_code != 200:
-        raise UpstreamError(f"The upstream answered {response.status_code} for the model list")
-    try:
-        upstream = _models.decode(response.content)
-    except msgspec.DecodeError:
-        raise UpstreamError("The upstream's model list was unreadable") from None
-    return json_response(ModelList(data=[Model(id=m.slug) for m in upstream.models]))
 
 
 # --- /api/codex/usage -----------------------------------------------------------------------------
@@ -137,16 +109,46 @@ def pool_usage(accounts: list[AccountState], now: float) -> PoolUsage:
     )
 
 
-async def codex_usage(request: Request) -> Response:
-    accounts = list(services(request).accounts.accounts.values())
-    return json_response(pool_usage(accounts, time.time()))
+class ProxyRoutes:
+    def __init__(self, accounts: LiveAccounts, tokens: TokenManager, upstream_base_url: str):
+        self.accounts = accounts
+        self.tokens = tokens
+        self.upstream_base_url = upstream_base_url
+
+    async def _get_with_account(self, path: str) -> httpx.Response:
+        """GET an upstream route with one serving account, refreshing its token once on a 401."""
+        candidates = self.accounts.serving()
+        random.shuffle(candidates)
+        url = f"{self.upstream_base_url}{path}"
+        for account in candidates:
+            try:
+                response = await self.tokens.get_as(account, url)
+            except (ReauthRequired, RefreshFailed, httpx.HTTPError):
+                continue  # try the next account
+            if response.status_code == 401 or response.status_code >= 500:
+                continue
+            return response
+        raise NoAccounts()
+
+    async def list_models(self, request: Request) -> Response:
+        response = await self._get_with_account("/codex/models")
+        if response.status_code != 200:
+            raise UpstreamError(f"The upstream answered {response.status_code} for the model list")
+        try:
+            upstream = _models.decode(response.content)
+        except msgspec.DecodeError:
+            raise UpstreamError("The upstream's model list was unreadable") from None
+        return json_response(ModelList(data=[Model(id=m.slug) for m in upstream.models]))
+
+    async def codex_usage(self, request: Request) -> Response:
+        return json_response(pool_usage(list(self.accounts.accounts.values()), time.time()))
 
 
 ENDPOINTS = [
     Endpoint(
         "GET",
         "/v1/models",
-        list_models,
+        ProxyRoutes.list_models,
         "Models, through one active account",
         "proxy",
         response=ModelList,
@@ -156,7 +158,7 @@ ENDPOINTS = [
     Endpoint(
         "GET",
         "/api/codex/usage",
-        codex_usage,
+        ProxyRoutes.codex_usage,
         "The pool's combined rate-limit windows",
         "proxy",
         response=PoolUsage,

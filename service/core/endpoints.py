@@ -1,19 +1,28 @@
 """One table of endpoints, from which both the Starlette routes and the OpenAPI document are made,
-so a route cannot exist without being described."""
+so a route cannot exist without being described.
+
+A feature's routes are methods of one object that receives what they use when the app is wired
+(its store, its live copy, ...): no handler reaches into a global for anything. The table names
+those methods unbound, so it exists without a running process (the OpenAPI document, the tests
+that compare the gates with it); ``build_routes`` binds each to the object that owns it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service.errors import ServiceError
+from service.core.errors import ServiceError
 
 Handler = Callable[[Request], Awaitable[Response]]
+# A routes object's method, unbound: called with the object, then the request.
+Method = Callable[[Any, Request], Awaitable[Response]]
 
 
 @dataclass(frozen=True)
@@ -24,7 +33,7 @@ class Endpoint:
 
     method: str
     path: str
-    handler: Handler
+    handler: Method
     summary: str
     tag: str
     # The JSON body; with ``upload`` set, the document each uploaded part carries instead.
@@ -46,10 +55,19 @@ class Endpoint:
     other_responses: dict[int, type[Any]] = field(default_factory=dict)
 
 
-def build_routes(endpoints: Iterable[Endpoint]) -> list[Route]:
+def bind(ep: Endpoint, owners: Iterable[object]) -> Handler:
+    """``ep``'s handler bound to the routes object whose class defines it."""
+    for owner in owners:
+        if vars(type(owner)).get(ep.handler.__name__) is ep.handler:
+            return partial(ep.handler, owner)
+    raise LookupError(f"no routes object serves {ep.method} {ep.path}")
+
+
+def build_routes(endpoints: Iterable[Endpoint], owners: Iterable[object]) -> list[Route]:
+    owners = list(owners)
     by_path: dict[str, dict[str, Handler]] = {}
     for ep in endpoints:
-        by_path.setdefault(ep.path, {})[ep.method] = ep.handler
+        by_path.setdefault(ep.path, {})[ep.method] = bind(ep, owners)
     routes = []
     for path, handlers in by_path.items():
 

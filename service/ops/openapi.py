@@ -23,7 +23,8 @@ from starlette.responses import Response
 
 import service
 from service.auth import guard
-from service.errors import (
+from service.core.endpoints import Endpoint
+from service.core.errors import (
     CsrfRejected,
     DashboardErrorEnvelope,
     InvalidApiKey,
@@ -42,7 +43,6 @@ from service.errors import (
     is_proxy_path,
 )
 from service.proxy import gate
-from service.routing import Endpoint
 
 _REASONS = {
     400: "Bad request",
@@ -278,23 +278,27 @@ def build(endpoints: Iterable[Endpoint]) -> dict[str, Any]:
     }
 
 
-def endpoint(endpoints: list[Endpoint]) -> Endpoint:
+class OpenApiRoutes:
     """The ``/openapi.json`` route, describing itself along with everything else."""
-    document: dict[str, Any] = {}
 
-    async def openapi_json(request: Request) -> Response:
-        if not document:
-            document.update(build(endpoints))
-        return Response(msgspec.json.encode(document), media_type="application/json")
+    def __init__(self, endpoints: list[Endpoint]):
+        self.endpoints = endpoints
+        self._document = b""
 
-    ep = Endpoint(
+    async def openapi_json(self, request: Request) -> Response:
+        if not self._document:
+            self._document = msgspec.json.encode(build(self.endpoints))
+        return Response(self._document, media_type="application/json")
+
+
+ENDPOINTS = [
+    Endpoint(
         "GET",
         "/openapi.json",
-        openapi_json,
+        OpenApiRoutes.openapi_json,
         "This document",
         "operations",
         auth="none",
         store=False,
-    )
-    endpoints.append(ep)
-    return ep
+    ),
+]

@@ -1,6 +1,6 @@
 """The shared HTTP client for the upstream's control routes (models, usage, token refresh).
 
-One client per process, made in the lifespan, with explicit timeouts and limits. It never
+One client per process, made when the app is wired, with explicit timeouts and limits. It never
 keeps cookies: the same client serves every account, and one account's cookies must not
 travel with another's requests.
 """

@@ -3,7 +3,7 @@
 Each change is one Lua script that writes, bumps the version and publishes either the
 account's whole hash (one account changed) or a resync marker (a bulk import), so a live copy
 applies changes in order and reloads everything when it sees a gap; messages carry the
-collection's epoch (see ``redis_apikeys``) so a reset store is told apart from a stale read.
+collection's epoch (see ``api_keys.store``) so a reset store is told apart from a stale read.
 Tokens are stored sealed (``SecretBox``), never in the clear.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from service.redis_store import ScriptArg, Store, new_epoch, text
+from service.core.connection import Connection, ScriptArg, new_epoch, text
 
 # KEYS: index set, version key, epoch key. ARGV: account key prefix, overwrite ('1'|'0'),
 # channel, now, a new epoch in case there is none, then five per account: id,
@@ -132,17 +132,17 @@ def _fields(flat: list[bytes]) -> Fields:
 
 
 class AccountStore:
-    def __init__(self, store: Store):
-        self.store = store
-        self.index_key = store.accounts_index_key
-        self.version_key = f"{store.prefix}accounts:version"
-        self.epoch_key = f"{store.prefix}accounts:epoch"
-        self.account_prefix = f"{store.prefix}account:"
-        self.channel = f"{store.prefix}ch:accounts"
-        self._import = store.write_script(_IMPORT)
-        self._update = store.write_script(_UPDATE)
-        self._delete = store.write_script(_DELETE)
-        self._snapshot = store.client.register_script(_SNAPSHOT)
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.index_key = conn.keys.accounts
+        self.version_key = conn.keys.accounts_version
+        self.epoch_key = conn.keys.accounts_epoch
+        self.account_prefix = conn.keys.account
+        self.channel = conn.keys.accounts_channel
+        self._import = conn.write_script(_IMPORT)
+        self._update = conn.write_script(_UPDATE)
+        self._delete = conn.write_script(_DELETE)
+        self._snapshot = conn.script(_SNAPSHOT)
 
     async def import_accounts(
         self, accounts: list[NewAccount], *, overwrite: bool, now: float
@@ -190,15 +190,15 @@ class AccountStore:
 
     async def version(self) -> tuple[str, int]:
         """The epoch and the version, in one round trip."""
-        epoch, version = await self.store.call(
-            lambda: self.store.client.mget([self.epoch_key, self.version_key])
+        epoch, version = await self.conn.call(
+            lambda: self.conn.client.mget([self.epoch_key, self.version_key])
         )
         return text(epoch or b""), int(version or 0)
 
     async def snapshot(self) -> tuple[str, int, dict[str, Fields]]:
         """Epoch, version and every account's fields by its key, in one consistent read."""
         keys = [self.index_key, self.version_key, self.epoch_key]
-        raw: list[Any] = await self.store.call(
+        raw: list[Any] = await self.conn.call(
             lambda: self._snapshot(keys=keys, args=[self.account_prefix])
         )
         rows = {text(i): _fields(flat) for i, flat in zip(raw[2::2], raw[3::2], strict=True)}
@@ -206,18 +206,18 @@ class AccountStore:
 
     async def get_many(self, account_ids: list[str]) -> list[Fields]:
         async def op() -> list[Any]:
-            async with self.store.client.pipeline(transaction=False) as pipe:
+            async with self.conn.client.pipeline(transaction=False) as pipe:
                 for account_id in dict.fromkeys(account_ids):
                     pipe.hgetall(self.account_prefix + account_id)
                 result: list[Any] = await pipe.execute()
                 return result
 
-        rows = await self.store.call(op)
+        rows = await self.conn.call(op)
         return [{text(k): text(v) for k, v in row.items()} for row in rows if row]
 
     async def get(self, account_id: str) -> Fields | None:
-        flat = await self.store.call(
-            lambda: self.store.client.hgetall(self.account_prefix + account_id)
+        flat = await self.conn.call(
+            lambda: self.conn.client.hgetall(self.account_prefix + account_id)
         )
         if not flat:
             return None

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 KEY_FILE_NAME = "encryption.key"
 
 
-class KeyError_(RuntimeError):
+class EncryptionKeyError(RuntimeError):
     """The encryption key is missing, malformed, or not the deployment's."""
 
 
@@ -31,7 +31,7 @@ class SecretBox:
         try:
             self._fernet = Fernet(key)
         except (ValueError, TypeError):
-            raise KeyError_(
+            raise EncryptionKeyError(
                 "encryption key is not a Fernet key (32 url-safe base64-encoded bytes)"
             ) from None
         self.fingerprint = hmac.new(
@@ -45,7 +45,7 @@ class SecretBox:
         try:
             return self._fernet.decrypt(sealed).decode()
         except InvalidToken:
-            raise KeyError_(
+            raise EncryptionKeyError(
                 "a stored secret cannot be decrypted with this encryption key"
             ) from None
 
@@ -58,7 +58,9 @@ def load_key(config: Config) -> bytes:
         try:
             return config.encryption_key_file.read_bytes().strip()
         except OSError as exc:
-            raise KeyError_(f"cannot read CODEX_LB_ENCRYPTION_KEY_FILE: {exc.strerror}") from None
+            raise EncryptionKeyError(
+                f"cannot read CODEX_LB_ENCRYPTION_KEY_FILE: {exc.strerror}"
+            ) from None
     return _generated_key(config.data_dir / KEY_FILE_NAME)
 
 

@@ -1,4 +1,4 @@
-"""Reading request bodies and writing responses with msgspec.
+"""Request and response bodies: the base structs, reading with msgspec, writing JSON.
 
 A body is checked in a fixed order, so every bad request gets the same answer on every route:
 content type (415), size (413), JSON syntax (400), shape and types (422).
@@ -7,15 +7,28 @@ content type (415), size (413), JSON syntax (400), shape and types (422).
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.errors import InvalidJSON, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from service.core.errors import InvalidJSON, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 
 T = TypeVar("T")
+
+
+class RequestBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of every request body: strict, unknown fields are a validation error (a typo in a
+    setting name must be a 422, never a silently ignored write). Records kept in Redis are
+    defined next to their stores and do the opposite (tolerate unknown fields), because old
+    and new pods read each other's data during a rolling deploy."""
+
+
+class ResponseBody(msgspec.Struct, kw_only=True):
+    """Base of every response body."""
+
 
 JSON_BODY_LIMIT = 64 * 1024
 
@@ -84,3 +97,8 @@ async def drain_empty_body(request: Request) -> None:
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(_encoder.encode(body), status, headers=headers, media_type="application/json")
+
+
+def rfc3339(epoch: float) -> str:
+    """UTC, microsecond precision, ``Z`` suffix: how every time is written in a body."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,4 +1,4 @@
-"""The shape shared by live copies of versioned collections (API keys, accounts).
+"""The live copy of a versioned collection (API keys, cold account records).
 
 The store bumps one version counter per change and publishes the change with its version and
 the collection's epoch. A copy applies a message only when it is exactly the next version of
@@ -22,12 +22,14 @@ from typing import NamedTuple
 
 import msgspec
 
-from service.errors import StoreUnavailable
+from service.core.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 
-class Change(NamedTuple):
+class Delta(NamedTuple):
+    """One published change, decoded: its place in the history and how to apply it."""
+
     epoch: str
     version: int
     # None: the message only says "reload everything".
@@ -41,6 +43,8 @@ class Snapshot(NamedTuple):
 
 
 class VersionedCopy(abc.ABC):
+    """A ``LiveCopy`` (see ``hub``) of a collection with one version counter and an epoch."""
+
     channel: str
 
     def __init__(self, channel: str):
@@ -64,7 +68,7 @@ class VersionedCopy(abc.ABC):
         """The stored epoch and version."""
 
     @abc.abstractmethod
-    def _change(self, data: bytes) -> Change:
+    def _delta(self, data: bytes) -> Delta:
         """Decode one published message."""
 
     async def sync(self) -> None:
@@ -107,7 +111,7 @@ class VersionedCopy(abc.ABC):
         if self.version is None:
             return  # the first sync reads everything anyway
         try:
-            change = self._change(data)
+            change = self._delta(data)
         except (msgspec.DecodeError, ValueError):
             # We cannot tell what changed, so we cannot trust the copy: reload it.
             log.warning("%s: undecodable message; reloading", self.channel)

@@ -17,11 +17,12 @@ import time
 import httpx
 import msgspec
 
-from service.accounts.live import AccountState, LiveAccounts, Usage
+from service.accounts.domain import AccountState, Usage
+from service.accounts.live import LiveAccounts
+from service.accounts.store import AccountStore
 from service.accounts.tokens import ReauthRequired, RefreshFailed, TokenManager
-from service.errors import StoreUnavailable
-from service.redis_accounts import AccountStore
-from service.redis_store import Store
+from service.core.errors import StoreUnavailable
+from service.core.leases import Leases
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def status_for(usage: Usage, limit_reached: bool) -> str:
 class UsagePoller:
     def __init__(
         self,
-        store: Store,
+        leases: Leases,
         accounts: AccountStore,
         live: LiveAccounts,
         tokens: TokenManager,
@@ -95,7 +96,7 @@ class UsagePoller:
         upstream_base_url: str,
         interval: float,
     ):
-        self.store = store
+        self.leases = leases
         self.accounts = accounts
         self.live = live
         self.tokens = tokens
@@ -109,8 +110,8 @@ class UsagePoller:
         lease_ttl = self.interval * 3
         while True:
             try:
-                held = await self.store.renew_lease(LEASE, self.owner, lease_ttl)
-                if held or await self.store.acquire_lease(LEASE, self.owner, lease_ttl):
+                held = await self.leases.renew(LEASE, self.owner, lease_ttl)
+                if held or await self.leases.acquire(LEASE, self.owner, lease_ttl):
                     await self.poll_all()
             except StoreUnavailable:
                 log.debug("usage poll skipped: Redis unavailable")
@@ -118,7 +119,7 @@ class UsagePoller:
 
     async def stop(self) -> None:
         with contextlib.suppress(StoreUnavailable):
-            await self.store.release_lease(LEASE, self.owner)
+            await self.leases.release(LEASE, self.owner)
 
     async def poll_all(self) -> None:
         gate = asyncio.Semaphore(CONCURRENCY)

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from service.redis_store import Store, new_epoch, text
+from service.core.connection import Connection, new_epoch, text
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ record_decoder = msgspec.json.Decoder(ApiKeyRecord)
 message_decoder = msgspec.json.Decoder(ApiKeyMessage)
 
 
-class Snapshot(msgspec.Struct, frozen=True):
+class StoredKeys(msgspec.Struct, frozen=True):
     epoch: str
     version: int
     # Raw records, decoded one by one by the copy so that one bad entry is skipped alone.
@@ -90,14 +90,14 @@ class Snapshot(msgspec.Struct, frozen=True):
 
 
 class ApiKeyStore:
-    def __init__(self, store: Store):
-        self.store = store
-        self.records_key = store.apikeys_key
-        self.version_key = f"{store.prefix}apikeys:version"
-        self.epoch_key = f"{store.prefix}apikeys:epoch"
-        self.channel = f"{store.prefix}ch:apikeys"
-        self._write = store.write_script(_WRITE)
-        self._snapshot = store.client.register_script(_SNAPSHOT)
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.records_key = conn.keys.apikeys
+        self.version_key = conn.keys.apikeys_version
+        self.epoch_key = conn.keys.apikeys_epoch
+        self.channel = conn.keys.apikeys_channel
+        self._write = conn.write_script(_WRITE)
+        self._snapshot = conn.script(_SNAPSHOT)
 
     async def _run(self, op: str, key_id: str, payload: bytes) -> Any:
         keys = [self.records_key, self.version_key, self.epoch_key]
@@ -116,19 +116,19 @@ class ApiKeyStore:
 
     async def version(self) -> tuple[str, int]:
         """The epoch and the version, in one round trip."""
-        epoch, version = await self.store.call(
-            lambda: self.store.client.mget([self.epoch_key, self.version_key])
+        epoch, version = await self.conn.call(
+            lambda: self.conn.client.mget([self.epoch_key, self.version_key])
         )
         return text(epoch or b""), int(version or 0)
 
-    async def snapshot(self) -> Snapshot:
+    async def snapshot(self) -> StoredKeys:
         """Epoch, version and every record, in one consistent read."""
         keys = [self.epoch_key, self.version_key, self.records_key]
-        epoch, version, flat = await self.store.call(lambda: self._snapshot(keys=keys))
+        epoch, version, flat = await self.conn.call(lambda: self._snapshot(keys=keys))
         # No epoch yet (nothing written since the store began): "" until the first write makes
         # one, whose message then differs from it and makes copies reload. Reads never write.
         records = {text(flat[i]): bytes(flat[i + 1]) for i in range(0, len(flat), 2)}
-        return Snapshot(text(epoch), int(version), records)
+        return StoredKeys(text(epoch), int(version), records)
 
     async def records(self) -> list[ApiKeyRecord]:
         """Every record that can be read, for the dashboard (a malformed one is left out)."""

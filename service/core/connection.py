@@ -1,0 +1,161 @@
+"""The one Redis connection of a process, shared by every feature's store.
+
+Every write that could race with another process is one Lua script, so it is atomic on the
+server. Connection failures surface as ``StoreUnavailable``; callers decide whether that is a
+503 (writes) or a reason to keep serving the last-known-good copy (reads on the hot path). Redis
+refusing a command (a script error, a key of the wrong type) is a ``StoreError`` (500): Redis
+does not roll a failed script back, so "nothing was written" would not be true.
+
+Writes are idempotent (``Connection.write_script``): the client retries a command once after a
+connection error, and a script whose reply was lost may already have committed, so each write
+carries a write id that the script remembers for a minute and answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import (
+    DataError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
+
+from service.core.errors import StoreError, StoreUnavailable
+from service.core.keyspace import Keyspace
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ScriptArg = bytes | str | int | float
+
+# How long a write's id is remembered: far longer than the one immediate retry can take.
+WRITE_ID_SECONDS = 60
+
+
+def _refused_before_running(exc: ResponseError) -> bool:
+    """Redis turned the command away whole (out of memory, a read-only replica, a failed
+    persistence, still loading): nothing ran, and trying again later may work."""
+    if isinstance(exc, OutOfMemoryError | ReadOnlyError):
+        return True
+    return str(exc).startswith(("MISCONF", "OOM", "READONLY", "LOADING", "MASTERDOWN"))
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client that fails fast: a dead Redis must turn into a quick 503, not a hang.
+
+    It retries a command once, at once, on a fresh connection after a connection error: after
+    Redis restarts every pooled connection is dead without knowing it, and that retry turns each
+    into a reconnect instead of a failed request. Not after a timeout, when the command may
+    have run. (It must be the asyncio ``Retry``: the sync one wraps the coroutine's creation,
+    not its execution, and never retries.)
+    """
+    return aioredis.Redis.from_url(
+        url,
+        socket_connect_timeout=1.0,
+        socket_timeout=2.0,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        health_check_interval=15,
+    )
+
+
+class Connection:
+    """The client and the deployment's keyspace; what every feature store is made from."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str):
+        self.client = client
+        self.keys = Keyspace(prefix)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    @staticmethod
+    async def call(op: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis operation: connection trouble, or Redis turning the command away
+        before running it, is ``StoreUnavailable`` (503); Redis failing it (a script error, a
+        wrong type) is ``StoreError`` (500, the cause logged, never shown)."""
+        try:
+            return await op()
+        except (ResponseError, DataError) as exc:
+            if isinstance(exc, ResponseError) and _refused_before_running(exc):
+                raise StoreUnavailable() from exc
+            log.error("redis refused a command: %s", exc)
+            raise StoreError() from exc
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable() from exc
+
+    def script(self, body: str) -> AsyncScript:
+        """A script that only reads, or whose repeat is harmless."""
+        return self.client.register_script(body)
+
+    def write_script(self, body: str) -> WriteScript:
+        """``body`` made idempotent: called with one more key, a fresh write id, it runs once
+        however often the client sends it, and a repeat answers what the first run answered."""
+        return WriteScript(self, self.client.register_script(_IDEMPOTENT.replace("__BODY__", body)))
+
+    def pubsub(self) -> PubSub:
+        return self.client.pubsub(ignore_subscribe_messages=False)
+
+    async def ping(self) -> None:
+        await self.call(self.client.ping)
+
+
+# Wraps a write script (see ``Connection.write_script``). The body runs as a function, so its own
+# ``return``s come back here; its reply is kept under the write id (the last key) for a minute.
+_IDEMPOTENT = """
+local function body()
+__BODY__
+end
+local id = KEYS[#KEYS]
+local done = redis.call('GET', id)
+if done then return cmsgpack.unpack(done) end
+local reply = body()
+redis.call('SET', id, cmsgpack.pack(reply), 'EX', __TTL__)
+return reply
+""".replace("__TTL__", str(WRITE_ID_SECONDS))
+
+
+class WriteScript:
+    def __init__(self, conn: Connection, script: AsyncScript):
+        self._conn = conn
+        self._script = script
+
+    async def __call__(self, keys: list[str], args: list[ScriptArg]) -> Any:
+        # One id per logical write, shared by the client's own retry of this very call.
+        write_key = f"{self._conn.keys.write_id}{secrets.token_hex(12)}"
+        return await self._conn.call(lambda: self._script(keys=[*keys, write_key], args=args))
+
+
+@asynccontextmanager
+async def open_connection(url: str, prefix: str) -> AsyncIterator[Connection]:
+    conn = Connection(connect(url), prefix)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def text(value: bytes | str) -> str:
+    # The client is made without decode_responses, so replies are bytes; the stubs allow str.
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def as_bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def new_epoch() -> str:
+    """A fresh id for a collection's history; see ``live_collection``."""
+    return secrets.token_hex(8)

@@ -1,0 +1,1 @@
+"""Operating the service: health probes and the OpenAPI document."""
