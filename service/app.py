@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from service.accounts import routes as account_routes
+from service.accounts.hot import HotStore, LiveAccountStates
 from service.accounts.live import LiveAccounts
 from service.accounts.poller import UsagePoller
 from service.accounts.store import AccountStore
@@ -92,6 +93,8 @@ class Parts:
     api_keys: LiveApiKeys
     account_store: AccountStore
     accounts: LiveAccounts
+    hot_store: HotStore
+    account_states: LiveAccountStates
     tokens: TokenManager
     poller: UsagePoller
 
@@ -111,6 +114,7 @@ def wire(config: Config, redis_url: str) -> Parts:
     api_key_store = ApiKeyStore(conn)
     account_store = AccountStore(conn)
     accounts = LiveAccounts(account_store)
+    hot_store = HotStore(conn)
     tokens = TokenManager(leases, account_store, box, http, config.auth_base_url)
     parts = Parts(
         config=config,
@@ -129,10 +133,12 @@ def wire(config: Config, redis_url: str) -> Parts:
         api_keys=LiveApiKeys(api_key_store),
         account_store=account_store,
         accounts=accounts,
+        hot_store=hot_store,
+        account_states=LiveAccountStates(hot_store),
         tokens=tokens,
         poller=UsagePoller(
             leases,
-            account_store,
+            hot_store,
             accounts,
             tokens,
             http,
@@ -140,7 +146,7 @@ def wire(config: Config, redis_url: str) -> Parts:
             config.usage_poll_seconds,
         ),
     )
-    for copy in (parts.settings, parts.api_keys, parts.accounts):
+    for copy in (parts.settings, parts.api_keys, parts.accounts, parts.account_states):
         hub.register(copy)
     return parts
 
@@ -159,8 +165,12 @@ def routes_objects(parts: Parts, table: list[Endpoint]) -> list[object]:
         ),
         settings_routes.SettingsRoutes(parts.settings_store, parts.settings, parts.workers),
         api_key_routes.ApiKeyRoutes(parts.api_key_store),
-        account_routes.AccountRoutes(parts.account_store, parts.box, parts.settings),
-        proxy_routes.ProxyRoutes(parts.accounts, parts.tokens, config.upstream_base_url),
+        account_routes.AccountRoutes(
+            parts.account_store, parts.hot_store, parts.box, parts.settings
+        ),
+        proxy_routes.ProxyRoutes(
+            parts.accounts, parts.account_states, parts.tokens, config.upstream_base_url
+        ),
         openapi.OpenApiRoutes(table),
     ]
 

@@ -974,21 +974,19 @@ async def test_usage_poll_stores_windows_and_maps_limits_to_statuses(
             assert accounts[paused_id]["primary_used_percent"] is None
             assert accounts[reauth_id]["status"] == "reauth_required"
 
-            for name, status in [
-                ("ok", b"active"),
-                ("limited", b"rate_limited"),
-                ("full5h", b"rate_limited"),
-                ("weekly", b"quota_exceeded"),
-            ]:
-                stored = account_hash(raw_redis, prefix, ids[name])
-                assert stored[b"status"] == status
-                usage_json = json.loads(stored[b"usage"])
+            # What the upstream said is hot state, kept apart from the cold record: the
+            # operator's status there stays as it was, and no token-holding hash is rewritten.
+            for name in ("ok", "limited", "full5h", "weekly"):
+                assert account_hash(raw_redis, prefix, ids[name])[b"status"] == b"active"
+                hot = raw_redis.hgetall(f"{prefix}account_state:{ids[name]}")
+                usage_json = json.loads(hot[b"usage"])
                 assert (
                     usage_json["secondary_used_percent"]
                     == replies[f"acct-{name}"]["rate_limit"]["secondary_window"]["used_percent"]
                 )
-            assert account_hash(raw_redis, prefix, paused_id)[b"usage"] == b"{}"
-            assert account_hash(raw_redis, prefix, reauth_id)[b"usage"] == b"{}"
+                assert b"tokens" not in hot
+            assert not raw_redis.exists(f"{prefix}account_state:{paused_id}")
+            assert not raw_redis.exists(f"{prefix}account_state:{reauth_id}")
 
             # Each poll is made with that account's own access token and account id.
             for account, authorization in list(calls):

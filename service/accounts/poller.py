@@ -1,9 +1,10 @@
 """Usage polling: one process of the deployment at a time (a Redis lease) asks the upstream's
-``wham/usage`` for every account that can serve and stores its two windows.
+``wham/usage`` for every active account and stores its two windows in the hot state.
 
 The windows drive routing (remaining capacity), the accounts list and ``/api/codex/usage``; an
-exhausted window moves the account to ``rate_limited`` (5-hour) or ``quota_exceeded`` (weekly)
-and a recovered one back to ``active``.
+exhausted window shows the account as ``rate_limited`` (5-hour) or ``quota_exceeded`` (weekly)
+until it resets (``domain.status``). The operator's status (paused, re-auth needed) is never
+touched here.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import time
 import httpx
 import msgspec
 
-from service.accounts.domain import AccountState, Usage
+from service.accounts.domain import ACTIVE, AccountState, Usage
+from service.accounts.hot import HotStore
 from service.accounts.live import LiveAccounts
-from service.accounts.store import AccountStore
 from service.accounts.tokens import ReauthRequired, RefreshFailed, TokenManager
 from service.core.errors import StoreUnavailable
 from service.core.leases import Leases
@@ -28,8 +29,6 @@ log = logging.getLogger(__name__)
 
 LEASE = "usage-poller"
 CONCURRENCY = 8
-# Statuses the poller may change; paused and reauth_required are the operator's to clear.
-POLLED = frozenset({"active", "rate_limited", "quota_exceeded"})
 
 
 class _Window(msgspec.Struct, kw_only=True):
@@ -54,8 +53,8 @@ class _WhamUsage(msgspec.Struct, kw_only=True):
 _wham = msgspec.json.Decoder(_WhamUsage)
 
 
-def usage_from_wham(body: bytes, now: float) -> tuple[Usage, bool]:
-    """The stored windows, and whether the upstream says the limit is reached."""
+def usage_from_wham(body: bytes, now: float) -> Usage:
+    """The windows as stored, with whether the upstream says the limit is reached."""
     reply = _wham.decode(body)
     limit = reply.rate_limit or _RateLimit()
     p, s = limit.primary_window or _Window(), limit.secondary_window or _Window()
@@ -65,31 +64,23 @@ def usage_from_wham(body: bytes, now: float) -> tuple[Usage, bool]:
             return w.reset_at
         return None if w.reset_after_seconds is None else now + w.reset_after_seconds
 
-    usage = Usage(
+    return Usage(
         primary_used_percent=p.used_percent,
         primary_reset_at=reset(p),
         primary_window_seconds=p.limit_window_seconds,
         secondary_used_percent=s.used_percent,
         secondary_reset_at=reset(s),
         secondary_window_seconds=s.limit_window_seconds,
+        limit_reached=limit.limit_reached,
         updated_at=now,
     )
-    return usage, limit.limit_reached
-
-
-def status_for(usage: Usage, limit_reached: bool) -> str:
-    if (usage.secondary_used_percent or 0) >= 100:
-        return "quota_exceeded"
-    if limit_reached or (usage.primary_used_percent or 0) >= 100:
-        return "rate_limited"
-    return "active"
 
 
 class UsagePoller:
     def __init__(
         self,
         leases: Leases,
-        accounts: AccountStore,
+        hot: HotStore,
         live: LiveAccounts,
         tokens: TokenManager,
         http: httpx.AsyncClient,
@@ -97,7 +88,7 @@ class UsagePoller:
         interval: float,
     ):
         self.leases = leases
-        self.accounts = accounts
+        self.hot = hot
         self.live = live
         self.tokens = tokens
         self.http = http
@@ -128,7 +119,8 @@ class UsagePoller:
             async with gate:
                 await self.poll(account)
 
-        await asyncio.gather(*(one(a) for a in self.live.accounts.values() if a.status in POLLED))
+        # Paused accounts and those waiting for re-import are the operator's: never polled.
+        await asyncio.gather(*(one(a) for a in self.live.accounts.values() if a.status == ACTIVE))
 
     async def poll(self, account: AccountState) -> None:
         try:
@@ -139,14 +131,10 @@ class UsagePoller:
         if response.status_code != 200:
             log.info("usage of account %s: upstream answered %s", account.id, response.status_code)
             return
+        now = time.time()
         try:
-            usage, limit_reached = usage_from_wham(response.content, time.time())
+            usage = usage_from_wham(response.content, now)
         except msgspec.DecodeError:
             log.warning("usage of account %s: unreadable reply", account.id)
             return
-        values = {
-            "usage": msgspec.json.encode(usage).decode(),
-            "status": status_for(usage, limit_reached),
-        }
-        # Only over the status we saw: a pause in the meantime wins.
-        await self.accounts.update(account.id, values, only_if=("status", account.status))
+        await self.hot.learn(account.id, usage=(now, usage))

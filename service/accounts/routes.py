@@ -18,7 +18,8 @@ from starlette.responses import Response
 
 from service.accounts import authjson
 from service.accounts.authjson import AuthJsonDocument, AuthJsonError, ParsedAuth
-from service.accounts.domain import AccountState, parse_account
+from service.accounts.domain import AccountState, HotState, parse_account, status
+from service.accounts.hot import HotStore, read_state
 from service.accounts.schemas import AccountList, AccountView, ImportResult, ImportResults
 from service.accounts.store import AccountStore, NewAccount
 from service.accounts.tokens import Tokens, seal
@@ -50,18 +51,18 @@ def _time(epoch: float | None) -> str | None:
     return None if epoch is None else rfc3339(epoch)
 
 
-def view(a: AccountState) -> AccountView:
+def view(a: AccountState, hot: HotState, now: float) -> AccountView:
     return AccountView(
         id=a.id,
         chatgpt_account_id=a.chatgpt_account_id,
         email=a.email,
         plan_type=a.plan_type,
-        status=a.status,
-        primary_used_percent=a.usage.primary_used_percent,
-        primary_reset_at=_time(a.usage.primary_reset_at),
-        secondary_used_percent=a.usage.secondary_used_percent,
-        secondary_reset_at=_time(a.usage.secondary_reset_at),
-        last_used_at=_time(a.last_used_at),
+        status=status(a, hot, now),
+        primary_used_percent=hot.usage.primary_used_percent,
+        primary_reset_at=_time(hot.usage.primary_reset_at),
+        secondary_used_percent=hot.usage.secondary_used_percent,
+        secondary_reset_at=_time(hot.usage.secondary_reset_at),
+        last_used_at=_time(hot.last_used_at or None),
     )
 
 
@@ -142,8 +143,9 @@ def _parse_all(documents: list[tuple[str, bytes]]) -> list[ParsedAuth]:
 
 
 class AccountRoutes:
-    def __init__(self, store: AccountStore, box: SecretBox, settings: LiveSettings):
+    def __init__(self, store: AccountStore, hot: HotStore, box: SecretBox, settings: LiveSettings):
         self.store = store
+        self.hot = hot
         self.box = box
         self.settings = settings
 
@@ -169,21 +171,30 @@ class AccountRoutes:
             )
             for p in parsed
         ]
-        statuses = await self.store.import_accounts(new, overwrite=overwrite, now=time.time())
+        now = time.time()
+        statuses = await self.store.import_accounts(new, overwrite=overwrite, now=now)
         rows = await self.store.get_many([a.id for a in new])
         # Just written, so well-formed.
         stored = {a.id: a for a in map(AccountState.from_fields, rows)}
+        states = await self.hot.snapshot()
         results = [
-            ImportResult(filename=filename, status=status, account=view(stored[account.id]))
-            for (filename, _), account, status in zip(documents, new, statuses, strict=True)
+            ImportResult(
+                filename=filename,
+                status=outcome,
+                account=view(stored[a.id], read_state(a.id, states.get(a.id, {})), now),
+            )
+            for (filename, _), a, outcome in zip(documents, new, statuses, strict=True)
         ]
         return json_response(ImportResults(results=results))
 
     async def list_accounts(self, request: Request) -> Response:
         _, _, rows = await self.store.snapshot()
+        states = await self.hot.snapshot()
         parsed = (parse_account(i, fields) for i, fields in rows.items())
         accounts = sorted((a for a in parsed if a), key=lambda a: (a.created_at, a.id))
-        return json_response(AccountList(accounts=[view(a) for a in accounts]))
+        now = time.time()
+        views = [view(a, read_state(a.id, states.get(a.id, {})), now) for a in accounts]
+        return json_response(AccountList(accounts=views))
 
     async def _set_status(
         self, request: Request, status: str, only_if: tuple[str, str] | None
@@ -195,7 +206,8 @@ class AccountRoutes:
         account = parse_account(account_id, await self.store.get(account_id))
         if account is None:
             raise NotFound("No such account")
-        return json_response(view(account))
+        hot = read_state(account_id, await self.hot.get(account_id))
+        return json_response(view(account, hot, time.time()))
 
     async def pause_account(self, request: Request) -> Response:
         return await self._set_status(request, "paused", None)

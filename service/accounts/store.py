@@ -1,4 +1,5 @@
-"""Accounts in Redis: one hash per account, an index set, a version counter and a channel.
+"""Accounts' cold records in Redis: one hash per account, an index set, a version counter and a
+channel. (What traffic teaches about an account, its hot state, is kept apart: ``hot``.)
 
 Each change is one Lua script that writes, bumps the version and publishes either the
 account's whole hash (one account changed) or a resync marker (a bulk import), so a live copy
@@ -42,7 +43,7 @@ for i = 0, count - 1 do
   else
     redis.call('HSET', key, 'id', id, 'chatgpt_account_id', ARGV[b + 2], 'email', ARGV[b + 3],
       'plan_type', ARGV[b + 4], 'tokens', ARGV[b + 5], 'tokens_version', '1',
-      'status', 'active', 'usage', '{}', 'created_at', ARGV[4], 'last_used_at', '')
+      'status', 'active', 'created_at', ARGV[4])
     redis.call('SADD', KEYS[1], id)
     results[#results + 1] = 'created'
     changed = true
@@ -76,9 +77,11 @@ redis.call('PUBLISH', ARGV[1],
 return version
 """
 
-# KEYS: account key, version key, index set, epoch key. ARGV: channel, id, new epoch.
+# KEYS: account key, version key, index set, epoch key, hot state key. ARGV: channel, id, new
+# epoch. The hot state goes with the account.
 _DELETE = """
 if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[5])
 redis.call('SREM', KEYS[3], ARGV[2])
 redis.call('SET', KEYS[4], ARGV[3], 'NX')
 local version = redis.call('INCR', KEYS[2])
@@ -123,7 +126,7 @@ class NewAccount(msgspec.Struct, frozen=True, kw_only=True):
     sealed_tokens: bytes
 
 
-def _fields(flat: list[bytes]) -> Fields:
+def fields_of(flat: list[bytes]) -> Fields:
     # Lenient: a stray byte must make one account malformed, not the whole snapshot unreadable.
     return {
         flat[i].decode(errors="replace"): flat[i + 1].decode(errors="replace")
@@ -185,7 +188,13 @@ class AccountStore:
         return int(await self._update(keys, args))
 
     async def delete(self, account_id: str) -> bool:
-        keys = [self.account_prefix + account_id, self.version_key, self.index_key, self.epoch_key]
+        keys = [
+            self.account_prefix + account_id,
+            self.version_key,
+            self.index_key,
+            self.epoch_key,
+            self.conn.keys.account_state + account_id,
+        ]
         return bool(await self._delete(keys, [self.channel, account_id, new_epoch()]))
 
     async def version(self) -> tuple[str, int]:
@@ -201,7 +210,7 @@ class AccountStore:
         raw: list[Any] = await self.conn.call(
             lambda: self._snapshot(keys=keys, args=[self.account_prefix])
         )
-        rows = {text(i): _fields(flat) for i, flat in zip(raw[2::2], raw[3::2], strict=True)}
+        rows = {text(i): fields_of(flat) for i, flat in zip(raw[2::2], raw[3::2], strict=True)}
         return text(raw[0]), int(raw[1]), rows
 
     async def get_many(self, account_ids: list[str]) -> list[Fields]:

@@ -11,7 +11,16 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.accounts.domain import AccountState, Usage
+from service.accounts.domain import (
+    ACTIVE,
+    PAUSED,
+    REAUTH_REQUIRED,
+    AccountState,
+    HotState,
+    Usage,
+    status,
+)
+from service.accounts.hot import LiveAccountStates
 from service.accounts.live import LiveAccounts
 from service.accounts.tokens import ReauthRequired, RefreshFailed, TokenManager
 from service.core.bodies import ResponseBody, json_response
@@ -92,11 +101,11 @@ def _window(usages: list[Usage], which: str, now: float) -> UsageWindow | None:
     )
 
 
-def pool_usage(accounts: list[AccountState], now: float) -> PoolUsage:
-    pool = [a for a in accounts if a.status not in ("paused", "reauth_required")]
-    serving = [a for a in pool if a.status == "active"]
-    plans = Counter(a.plan_type for a in pool if a.plan_type)
-    usages = [a.usage for a in pool]
+def pool_usage(accounts: list[tuple[AccountState, HotState]], now: float) -> PoolUsage:
+    pool = [(a, hot) for a, hot in accounts if a.status not in (PAUSED, REAUTH_REQUIRED)]
+    serving = [a for a, hot in pool if status(a, hot, now) == ACTIVE]
+    plans = Counter(a.plan_type for a, _ in pool if a.plan_type)
+    usages = [hot.usage for _, hot in pool]
     return PoolUsage(
         plan_type=plans.most_common(1)[0][0] if plans else None,
         rate_limit=RateLimit(
@@ -110,14 +119,24 @@ def pool_usage(accounts: list[AccountState], now: float) -> PoolUsage:
 
 
 class ProxyRoutes:
-    def __init__(self, accounts: LiveAccounts, tokens: TokenManager, upstream_base_url: str):
+    def __init__(
+        self,
+        accounts: LiveAccounts,
+        states: LiveAccountStates,
+        tokens: TokenManager,
+        upstream_base_url: str,
+    ):
         self.accounts = accounts
+        self.states = states
         self.tokens = tokens
         self.upstream_base_url = upstream_base_url
 
     async def _get_with_account(self, path: str) -> httpx.Response:
         """GET an upstream route with one serving account, refreshing its token once on a 401."""
-        candidates = self.accounts.serving()
+        now = time.time()
+        candidates = [
+            a for a in self.accounts.serving() if status(a, self.states.get(a.id), now) == ACTIVE
+        ]
         random.shuffle(candidates)
         url = f"{self.upstream_base_url}{path}"
         for account in candidates:
@@ -141,7 +160,8 @@ class ProxyRoutes:
         return json_response(ModelList(data=[Model(id=m.slug) for m in upstream.models]))
 
     async def codex_usage(self, request: Request) -> Response:
-        return json_response(pool_usage(list(self.accounts.accounts.values()), time.time()))
+        pool = [(a, self.states.get(a.id)) for a in self.accounts.accounts.values()]
+        return json_response(pool_usage(pool, time.time()))
 
 
 ENDPOINTS = [
