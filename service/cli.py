@@ -21,7 +21,8 @@ from service.config import Config, ConfigError
 from service.core.connection import Connection, open_connection
 from service.core.errors import ServiceError
 from service.core.secret_box import EncryptionKeyError, SecretBox, load_key
-from service.embedded_redis import EmbeddedRedisError, Owner, embedded_redis
+from service.embedded_record import Owner
+from service.embedded_redis import EmbeddedRedisError, embedded_redis
 from service.logs import configure
 from service.settings.domain import reset_settings
 from service.settings.live import LiveSettings

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import re
@@ -44,10 +43,10 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 from urllib.parse import quote
+
+from service.embedded_record import Owner, read_record, write_record
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +67,6 @@ SOCKET_FILE = "redis.sock"
 # What we generate (secrets.token_urlsafe) and all we accept from the file: safe unquoted in a
 # redis.conf line, and in a URL.
 _PASSWORD = re.compile(r"[A-Za-z0-9_-]{16,}")
-
-Owner = Literal["serve", "admin"]
-
-
-@dataclass(frozen=True)
-class _Record:
-    socket: str
-    owner: str | None  # None: written by a codex-lb that did not record it
-    owner_pid: int | None
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -209,30 +199,6 @@ def _url(address: str, password: str) -> str:
     return f"unix://:{quote(password, safe='')}@{quote(address)}"
 
 
-def _read_record(path: Path) -> _Record | None:
-    try:
-        record = json.loads(path.read_text())
-        owner_pid = record.get("owner_pid")
-        return _Record(
-            socket=str(record["unix"]),
-            owner=None if record.get("owner") is None else str(record["owner"]),
-            owner_pid=None if owner_pid is None else int(owner_pid),
-        )
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        # Not written yet, being replaced, or naming a TCP port (an older codex-lb): never used.
-        return None
-
-
-def _write_record(path: Path, address: str, pid: int, owner: Owner) -> None:
-    record = {"pid": pid, "unix": address, "owner": owner, "owner_pid": os.getpid()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)  # readers see the old record or the new one, never half of one
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -255,7 +221,7 @@ def _running_server(lock_fd: int, data_dir: Path, password: str, owner: Owner) -
         except BlockingIOError:
             pass
         # Only trusted while the lock is held: the holder wrote it.
-        record = _read_record(data_dir / RECORD_FILE)
+        record = read_record(data_dir / RECORD_FILE)
         if record is not None and _ping(record.socket, password):
             if owner == "admin":
                 return record.socket
@@ -390,7 +356,7 @@ def _start(data_dir: Path, password: str, lock_fd: int, owner: Owner) -> Iterato
             if time.monotonic() > deadline:
                 raise EmbeddedRedisError("redis-server did not start in time")
             time.sleep(0.05)
-        _write_record(record_path, address, proc.pid, owner)
+        write_record(record_path, address, proc.pid, owner)
         log.info(
             "embedded redis-server started (pid %s, on %s, data in %s)",
             proc.pid,
