@@ -1,9 +1,10 @@
 """Which account serves a request: a pure function of what this process knows.
 
-Its inputs are plain values made by the caller from the two account copies (the cold record
-and the hot state), the live settings, the thread's pin and the clock; it reads nothing else
-(no Redis, no HTTP, no module state), so it is tested with plain values and costs only CPU on
-the request path. ``import-linter`` holds it to that (``pyproject.toml``, "balancer is pure").
+Its inputs are plain values made from the two account copies (the cold record and the hot
+state) at the request's time, the live settings, the thread's pin and the clock; it reads
+nothing else (no Redis, no HTTP, no module state), so it is tested with plain values and costs
+only CPU on the request path. ``import-linter`` holds it to that (``pyproject.toml``,
+"balancer is pure").
 
 Until the proxy issue lands, ``pick`` honours a pin whose account is eligible and otherwise
 takes the first eligible account; the strategies (``usage_weighted``, ``round_robin``) and
@@ -24,33 +25,22 @@ class Window:
     reset_at: float | None = None  # epoch seconds
     window_seconds: int | None = None
 
-    def exhausted(self, now: float) -> bool:
-        """Full, and not yet reset."""
-        if self.used_percent is None or self.used_percent < 100:
-            return False
-        return self.reset_at is None or self.reset_at > now
-
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """An account as the balancer sees it."""
+    """An account as the balancer sees it (``proxy.candidates`` makes them from the copies)."""
 
     account_id: str
-    # The operator's word (active, paused, reauth_required) from the cold record.
+    # What the account may do now: "active" serves; anything else (paused, reauth_required,
+    # rate_limited, quota_exceeded) does not. Derived at the request's time by the one rule in
+    # ``accounts.domain.status``, so the dashboard and the balancer never disagree.
     status: str
     primary: Window = Window()
     secondary: Window = Window()
-    # Hot state: no request before this time (a 429, repeated failures).
-    cooldown_until: float | None = None
-    last_used_at: float | None = None
 
-    def eligible(self, now: float) -> bool:
-        """May be given a request now: active, not cooling down, neither window exhausted."""
-        if self.status != "active":
-            return False
-        if self.cooldown_until is not None and self.cooldown_until > now:
-            return False
-        return not (self.primary.exhausted(now) or self.secondary.exhausted(now))
+    @property
+    def eligible(self) -> bool:
+        return self.status == "active"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +71,7 @@ def pick(
     candidates: Sequence[Candidate], policy: Policy, pin: Pin | None, now: float
 ) -> Choice | None:
     """The account for the next request, or None when no account may serve."""
-    eligible = [c for c in candidates if c.eligible(now)]
+    eligible = [c for c in candidates if c.eligible]
     if not eligible:
         return None
     if pin is not None and policy.sticky_threads_enabled:

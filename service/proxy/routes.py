@@ -26,6 +26,7 @@ from service.accounts.tokens import ReauthRequired, RefreshFailed, TokenManager
 from service.core.bodies import ResponseBody, json_response
 from service.core.endpoints import Endpoint
 from service.core.errors import NoAccounts, UpstreamError
+from service.proxy.candidates import candidates
 
 # --- /v1/models ---------------------------------------------------------------------------------
 
@@ -133,13 +134,13 @@ class ProxyRoutes:
 
     async def _get_with_account(self, path: str) -> httpx.Response:
         """GET an upstream route with one serving account, refreshing its token once on a 401."""
-        now = time.time()
-        candidates = [
-            a for a in self.accounts.serving() if status(a, self.states.get(a.id), now) == ACTIVE
-        ]
-        random.shuffle(candidates)
+        serving = self.accounts.serving()
+        by_id = {a.id: a for a in serving}
+        pool = candidates(serving, self.states, time.time())
+        eligible = [by_id[c.account_id] for c in pool if c.eligible]
+        random.shuffle(eligible)
         url = f"{self.upstream_base_url}{path}"
-        for account in candidates:
+        for account in eligible:
             try:
                 response = await self.tokens.get_as(account, url)
             except (ReauthRequired, RefreshFailed, httpx.HTTPError):
