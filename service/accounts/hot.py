@@ -78,10 +78,7 @@ _encode = msgspec.json.encode
 
 class HotStore:
     def __init__(self, conn: Connection):
-        self.conn = conn
-        self.prefix = conn.keys.account_state
-        self.account_prefix = conn.keys.account
-        self.index_key = conn.keys.accounts
+        self.conn, self.keys = conn, conn.keys
         self.channel = conn.keys.account_state_channel
         self._learn = conn.script(_LEARN)
         self._snapshot = conn.script(_SNAPSHOT)
@@ -103,18 +100,20 @@ class HotStore:
             args += ["cooldown", repr(cooldown[0]), _encode(cooldown[1])]
         if used_at is not None:
             args += ["last_used", repr(used_at), repr(used_at)]
-        keys = [self.prefix + account_id, self.account_prefix + account_id]
+        keys = [self.keys.account_state + account_id, self.keys.account + account_id]
         # Idempotent as it is (a repeat is never newer), so the client's retry is harmless.
         return int(await self.conn.call(lambda: self._learn(keys=keys, args=args)))
 
     async def snapshot(self) -> dict[str, Fields]:
         """Every account's stored state (empty for one that learned nothing yet)."""
-        keys, args = [self.index_key], [self.prefix]
+        keys, args = [self.keys.accounts], [self.keys.account_state]
         raw: list[Any] = await self.conn.call(lambda: self._snapshot(keys=keys, args=args))
         return {text(i): fields_of(flat) for i, flat in zip(raw[::2], raw[1::2], strict=True)}
 
     async def get(self, account_id: str) -> Fields:
-        flat = await self.conn.call(lambda: self.conn.client.hgetall(self.prefix + account_id))
+        flat = await self.conn.call(
+            lambda: self.conn.client.hgetall(self.keys.account_state + account_id)
+        )
         return {text(k): text(v) for k, v in flat.items()}
 
 

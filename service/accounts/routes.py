@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -142,12 +143,12 @@ def _parse_all(documents: list[tuple[str, bytes]]) -> list[ParsedAuth]:
 # --- routes -------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
 class AccountRoutes:
-    def __init__(self, store: AccountStore, hot: HotStore, box: SecretBox, settings: LiveSettings):
-        self.store = store
-        self.hot = hot
-        self.box = box
-        self.settings = settings
+    store: AccountStore
+    hot: HotStore
+    box: SecretBox
+    settings: LiveSettings
 
     async def import_accounts(self, request: Request) -> Response:
         documents = await _documents(request)

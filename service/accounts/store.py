@@ -136,11 +136,7 @@ def fields_of(flat: list[bytes]) -> Fields:
 
 class AccountStore:
     def __init__(self, conn: Connection):
-        self.conn = conn
-        self.index_key = conn.keys.accounts
-        self.version_key = conn.keys.accounts_version
-        self.epoch_key = conn.keys.accounts_epoch
-        self.account_prefix = conn.keys.account
+        self.conn, self.keys = conn, conn.keys
         self.channel = conn.keys.accounts_channel
         self._import = conn.write_script(_IMPORT)
         self._update = conn.write_script(_UPDATE)
@@ -152,7 +148,7 @@ class AccountStore:
     ) -> list[str]:
         """Create or update (or skip) each account in one atomic step; a status per account."""
         args: list[ScriptArg] = [
-            self.account_prefix,
+            self.keys.account,
             "1" if overwrite else "0",
             self.channel,
             now,
@@ -161,7 +157,7 @@ class AccountStore:
         for a in accounts:
             args += [a.id, a.chatgpt_account_id, a.email, a.plan_type, a.sealed_tokens]
         raw: list[bytes] = await self._import(
-            [self.index_key, self.version_key, self.epoch_key], args
+            [self.keys.accounts, self.keys.accounts_version, self.keys.accounts_epoch], args
         )
         return [r.decode() for r in raw]
 
@@ -184,15 +180,19 @@ class AccountStore:
         ]
         for name, value in values.items():
             args += [name, value]
-        keys = [self.account_prefix + account_id, self.version_key, self.epoch_key]
+        keys = [
+            self.keys.account + account_id,
+            self.keys.accounts_version,
+            self.keys.accounts_epoch,
+        ]
         return int(await self._update(keys, args))
 
     async def delete(self, account_id: str) -> bool:
         keys = [
-            self.account_prefix + account_id,
-            self.version_key,
-            self.index_key,
-            self.epoch_key,
+            self.keys.account + account_id,
+            self.keys.accounts_version,
+            self.keys.accounts,
+            self.keys.accounts_epoch,
             self.conn.keys.account_state + account_id,
         ]
         return bool(await self._delete(keys, [self.channel, account_id, new_epoch()]))
@@ -200,15 +200,15 @@ class AccountStore:
     async def version(self) -> tuple[str, int]:
         """The epoch and the version, in one round trip."""
         epoch, version = await self.conn.call(
-            lambda: self.conn.client.mget([self.epoch_key, self.version_key])
+            lambda: self.conn.client.mget([self.keys.accounts_epoch, self.keys.accounts_version])
         )
         return text(epoch or b""), int(version or 0)
 
     async def snapshot(self) -> tuple[str, int, dict[str, Fields]]:
         """Epoch, version and every account's fields by its key, in one consistent read."""
-        keys = [self.index_key, self.version_key, self.epoch_key]
+        keys = [self.keys.accounts, self.keys.accounts_version, self.keys.accounts_epoch]
         raw: list[Any] = await self.conn.call(
-            lambda: self._snapshot(keys=keys, args=[self.account_prefix])
+            lambda: self._snapshot(keys=keys, args=[self.keys.account])
         )
         rows = {text(i): fields_of(flat) for i, flat in zip(raw[2::2], raw[3::2], strict=True)}
         return text(raw[0]), int(raw[1]), rows
@@ -217,7 +217,7 @@ class AccountStore:
         async def op() -> list[Any]:
             async with self.conn.client.pipeline(transaction=False) as pipe:
                 for account_id in dict.fromkeys(account_ids):
-                    pipe.hgetall(self.account_prefix + account_id)
+                    pipe.hgetall(self.keys.account + account_id)
                 result: list[Any] = await pipe.execute()
                 return result
 
@@ -226,7 +226,7 @@ class AccountStore:
 
     async def get(self, account_id: str) -> Fields | None:
         flat = await self.conn.call(
-            lambda: self.conn.client.hgetall(self.account_prefix + account_id)
+            lambda: self.conn.client.hgetall(self.keys.account + account_id)
         )
         if not flat:
             return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import msgspec
 from msgspec import UNSET
 from starlette.requests import Request
@@ -24,9 +26,9 @@ _create_decoder = msgspec.json.Decoder(ApiKeyCreate)
 _patch_decoder = msgspec.json.Decoder(ApiKeyPatch)
 
 
+@dataclass(frozen=True)
 class ApiKeyRoutes:
-    def __init__(self, store: ApiKeyStore):
-        self.store = store
+    store: ApiKeyStore
 
     async def post_key(self, request: Request) -> Response:
         body = await read_json(request, _create_decoder)

@@ -91,16 +91,13 @@ class StoredKeys(msgspec.Struct, frozen=True):
 
 class ApiKeyStore:
     def __init__(self, conn: Connection):
-        self.conn = conn
-        self.records_key = conn.keys.apikeys
-        self.version_key = conn.keys.apikeys_version
-        self.epoch_key = conn.keys.apikeys_epoch
+        self.conn, self.keys = conn, conn.keys
         self.channel = conn.keys.apikeys_channel
         self._write = conn.write_script(_WRITE)
         self._snapshot = conn.script(_SNAPSHOT)
 
     async def _run(self, op: str, key_id: str, payload: bytes) -> Any:
-        keys = [self.records_key, self.version_key, self.epoch_key]
+        keys = [self.keys.apikeys, self.keys.apikeys_version, self.keys.apikeys_epoch]
         return await self._write(keys, [op, key_id, payload, self.channel, new_epoch()])
 
     async def create(self, record: ApiKeyRecord) -> None:
@@ -117,13 +114,13 @@ class ApiKeyStore:
     async def version(self) -> tuple[str, int]:
         """The epoch and the version, in one round trip."""
         epoch, version = await self.conn.call(
-            lambda: self.conn.client.mget([self.epoch_key, self.version_key])
+            lambda: self.conn.client.mget([self.keys.apikeys_epoch, self.keys.apikeys_version])
         )
         return text(epoch or b""), int(version or 0)
 
     async def snapshot(self) -> StoredKeys:
         """Epoch, version and every record, in one consistent read."""
-        keys = [self.epoch_key, self.version_key, self.records_key]
+        keys = [self.keys.apikeys_epoch, self.keys.apikeys_version, self.keys.apikeys]
         epoch, version, flat = await self.conn.call(lambda: self._snapshot(keys=keys))
         # No epoch yet (nothing written since the store began): "" until the first write makes
         # one, whose message then differs from it and makes copies reload. Reads never write.

@@ -6,6 +6,8 @@ themselves: none, a TOTP-pending one (``/totp/verify``) or a full one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
@@ -48,22 +50,14 @@ _change_decoder = msgspec.json.Decoder(PasswordChange)
 _code_decoder = msgspec.json.Decoder(TotpCodeBody)
 
 
+@dataclass(frozen=True)
 class AuthRoutes:
-    def __init__(
-        self,
-        store: AuthStore,
-        sessions: Sessions,
-        credentials: Credentials,
-        settings_store: SettingsStore,
-        settings: LiveSettings,
-        config: Config,
-    ):
-        self.store = store
-        self.sessions = sessions
-        self.creds = credentials
-        self.settings_store = settings_store
-        self.settings = settings
-        self.config = config
+    store: AuthStore
+    sessions: Sessions
+    creds: Credentials
+    settings_store: SettingsStore
+    settings: LiveSettings
+    config: Config
 
     async def _session_view(self, session: SessionRecord | None) -> SessionView:
         settings = await read_settings(self.settings_store, self.settings)

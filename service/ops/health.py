@@ -8,6 +8,8 @@ must run ``codex-lb admin reset-settings``), and while the process drains for sh
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -27,10 +29,10 @@ class ReadyView(ResponseBody):
     redis: str
 
 
+@dataclass(frozen=True)
 class HealthRoutes:
-    def __init__(self, hub: Hub, settings: LiveSettings):
-        self.hub = hub
-        self.settings = settings
+    hub: Hub
+    settings: LiveSettings
 
     async def live(self, request: Request) -> Response:
         return json_response(LiveView(status="ok"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import httpx
 import msgspec
@@ -119,18 +120,12 @@ def pool_usage(accounts: list[tuple[AccountState, HotState]], now: float) -> Poo
     )
 
 
+@dataclass(frozen=True)
 class ProxyRoutes:
-    def __init__(
-        self,
-        accounts: LiveAccounts,
-        states: LiveAccountStates,
-        tokens: TokenManager,
-        upstream_base_url: str,
-    ):
-        self.accounts = accounts
-        self.states = states
-        self.tokens = tokens
-        self.upstream_base_url = upstream_base_url
+    accounts: LiveAccounts
+    states: LiveAccountStates
+    tokens: TokenManager
+    upstream_base_url: str
 
     async def _get_with_account(self, path: str) -> httpx.Response:
         """GET an upstream route with one serving account, refreshing its token once on a 401."""

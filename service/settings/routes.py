@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from dataclasses import dataclass
 
 import msgspec
 from msgspec import UNSET
@@ -76,11 +77,11 @@ def _settings_response(record: SettingsRecord, headers: dict[str, str] | None = 
     return json_response(view(record), headers={"ETag": f'"{record.version}"', **(headers or {})})
 
 
+@dataclass(frozen=True)
 class SettingsRoutes:
-    def __init__(self, store: SettingsStore, live: LiveSettings, workers: WorkerRegistry):
-        self.store = store
-        self.live = live
-        self.workers = workers
+    store: SettingsStore
+    live: LiveSettings
+    workers: WorkerRegistry
 
     async def get_settings(self, request: Request) -> Response:
         return _settings_response(await read_settings(self.store, self.live))

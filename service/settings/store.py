@@ -115,23 +115,18 @@ _encode = msgspec.json.encode
 
 class SettingsStore:
     def __init__(self, conn: Connection):
-        self.conn = conn
-        self.key = conn.keys.settings
-        self.history_key = conn.keys.settings_history
+        self.conn, self.keys = conn, conn.keys
         self.channel = conn.keys.settings_channel
-        # The sealed TOTP secret changes in one step with the record that says it exists.
-        self.totp_secret_key = conn.keys.auth
-        self.totp_pending_key = conn.keys.totp_pending
         self._cas = conn.write_script(_SETTINGS_CAS)
         self._initialise = conn.script(_SETTINGS_INITIALISE)
         self._restore = conn.script(_SETTINGS_RESTORE)
 
     async def load(self) -> SettingsRecord | None:
-        raw = await self.conn.call(lambda: self.conn.client.hget(self.key, "record"))
+        raw = await self.conn.call(lambda: self.conn.client.hget(self.keys.settings, "record"))
         return None if raw is None else _record_decoder.decode(raw)
 
     async def version(self) -> int | None:
-        raw = await self.conn.call(lambda: self.conn.client.hget(self.key, "version"))
+        raw = await self.conn.call(lambda: self.conn.client.hget(self.keys.settings, "version"))
         return None if raw is None else int(raw)
 
     async def compare_and_set(
@@ -165,24 +160,33 @@ class SettingsStore:
                 else ("set", totp_secret)
             ),
         ]
-        keys = [self.key, self.history_key, self.totp_secret_key, self.totp_pending_key]
+        keys = [
+            self.keys.settings,
+            self.keys.settings_history,
+            self.keys.auth,
+            self.keys.totp_pending,
+        ]
         written, version = await self._cas(keys, args)
         return bool(written), int(version)
 
     async def initialise(self, record: SettingsRecord) -> int:
         """Write the defaults if this is a brand-new deployment: 1 written, 0 a record exists,
         -1 the record is gone while the deployment's other state is not (a loss)."""
-        keys = [self.key, *self.conn.keys.deployment_evidence()]
+        keys = [self.keys.settings, *self.conn.keys.deployment_evidence()]
         args: list[ScriptArg] = [_encode(record), self.channel]
         return int(await self.conn.call(lambda: self._initialise(keys=keys, args=args)))
 
     async def restore(self, record: SettingsRecord) -> bool:
         """Put ``record`` back if the stored one is missing or older. True if it wrote."""
         args: list[ScriptArg] = [record.version, _encode(record), self.channel]
-        return bool(await self.conn.call(lambda: self._restore(keys=[self.key], args=args)))
+        return bool(
+            await self.conn.call(lambda: self._restore(keys=[self.keys.settings], args=args))
+        )
 
     async def history(self, limit: int = HISTORY_KEEP) -> list[HistoryEntry]:
-        raws = await self.conn.call(lambda: self.conn.client.lrange(self.history_key, 0, limit - 1))
+        raws = await self.conn.call(
+            lambda: self.conn.client.lrange(self.keys.settings_history, 0, limit - 1)
+        )
         return [_history_decoder.decode(r) for r in raws]
 
     @staticmethod
@@ -190,5 +194,5 @@ class SettingsStore:
         return _record_decoder.decode(raw)
 
     async def has_totp_secret(self) -> bool:
-        key = self.totp_secret_key
+        key = self.keys.auth
         return bool(await self.conn.call(lambda: self.conn.client.hexists(key, "totp_secret")))
