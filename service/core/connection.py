@@ -157,5 +157,5 @@ def as_bytes(value: bytes | str) -> bytes:
 
 
 def new_epoch() -> str:
-    """A fresh id for a collection's history; see ``live_collection``."""
+    """A fresh id for a collection's history; see ``core.versioned``."""
     return secrets.token_hex(8)
