@@ -110,11 +110,13 @@ class HotStore:
         raw: list[Any] = await self.conn.call(lambda: self._snapshot(keys=keys, args=args))
         return {text(i): fields_of(flat) for i, flat in zip(raw[::2], raw[1::2], strict=True)}
 
+    async def get_many(self, account_ids: list[str]) -> dict[str, Fields]:
+        """The stored state of each account (empty for one that learned nothing yet)."""
+        rows = await self.conn.hashes([self.keys.account_state + i for i in account_ids])
+        return dict(zip(account_ids, rows, strict=True))
+
     async def get(self, account_id: str) -> Fields:
-        flat = await self.conn.call(
-            lambda: self.conn.client.hgetall(self.keys.account_state + account_id)
-        )
-        return {text(k): text(v) for k, v in flat.items()}
+        return (await self.get_many([account_id]))[account_id]
 
 
 def read_state(account_id: str, fields: Fields) -> HotState:

@@ -177,7 +177,8 @@ class AccountRoutes:
         rows = await self.store.get_many([a.id for a in new])
         # Just written, so well-formed.
         stored = {a.id: a for a in map(AccountState.from_fields, rows)}
-        states = await self.hot.snapshot()
+        # Only the imported accounts' state: an import never reads the whole pool.
+        states = await self.hot.get_many([a.id for a in new])
         results = [
             ImportResult(
                 filename=filename,

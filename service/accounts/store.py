@@ -214,20 +214,10 @@ class AccountStore:
         return text(raw[0]), int(raw[1]), rows
 
     async def get_many(self, account_ids: list[str]) -> list[Fields]:
-        async def op() -> list[Any]:
-            async with self.conn.client.pipeline(transaction=False) as pipe:
-                for account_id in dict.fromkeys(account_ids):
-                    pipe.hgetall(self.keys.account + account_id)
-                result: list[Any] = await pipe.execute()
-                return result
-
-        rows = await self.conn.call(op)
-        return [{text(k): text(v) for k, v in row.items()} for row in rows if row]
+        ids = list(dict.fromkeys(account_ids))
+        rows = await self.conn.hashes([self.keys.account + i for i in ids])
+        return [row for row in rows if row]
 
     async def get(self, account_id: str) -> Fields | None:
-        flat = await self.conn.call(
-            lambda: self.conn.client.hgetall(self.keys.account + account_id)
-        )
-        if not flat:
-            return None
-        return {text(k): text(v) for k, v in flat.items()}
+        (row,) = await self.conn.hashes([self.keys.account + account_id])
+        return row or None

@@ -108,6 +108,20 @@ class Connection:
     def pubsub(self) -> PubSub:
         return self.client.pubsub(ignore_subscribe_messages=False)
 
+    async def hashes(self, keys: list[str]) -> list[dict[str, str]]:
+        """Several hashes in one round trip (a pipeline, not a transaction), in the order of
+        ``keys``; a missing one is empty."""
+
+        async def op() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hgetall(key)
+                result: list[Any] = await pipe.execute()
+                return result
+
+        rows = await self.call(op)
+        return [{text(k): text(v) for k, v in row.items()} for row in rows]
+
     async def ping(self) -> None:
         await self.call(self.client.ping)
 
