@@ -48,7 +48,11 @@ from service.core.secret_box import EncryptionKeyError, SecretBox, load_key
 from service.core.workers import WorkerRegistry
 from service.ops import health, openapi
 from service.proxy import routes as proxy_routes
+from service.proxy.candidates import PoolView
 from service.proxy.gate import Admission, ApiKeyGate
+from service.proxy.learning import Learner
+from service.proxy.relay import Relay
+from service.proxy.routing_state import RoutingState
 from service.settings import routes as settings_routes
 from service.settings.live import LiveSettings
 from service.settings.store import SettingsStore
@@ -57,6 +61,8 @@ log = logging.getLogger(__name__)
 
 # How long shutdown waits for token refreshes under way to store their result.
 TOKEN_DRAIN_SECONDS = 15.0
+# How long shutdown waits to share what traffic taught (usage, cooldowns, pins).
+LEARN_DRAIN_SECONDS = 3.0
 
 
 def endpoints() -> list[Endpoint]:
@@ -97,6 +103,9 @@ class Parts:
     account_states: LiveAccountStates
     tokens: TokenManager
     poller: UsagePoller
+    routing: RoutingState
+    learner: Learner
+    relay: Relay
 
 
 def wire(config: Config, redis_url: str) -> Parts:
@@ -116,6 +125,19 @@ def wire(config: Config, redis_url: str) -> Parts:
     accounts = LiveAccounts(account_store)
     hot_store = HotStore(conn)
     tokens = TokenManager(leases, account_store, box, http, config.auth_base_url)
+    account_states = LiveAccountStates(hot_store)
+    routing = RoutingState(conn)
+    learner = Learner(account_states, hot_store)
+    relay = Relay(
+        config.upstream_base_url,
+        accounts,
+        PoolView(accounts, account_states),
+        settings,
+        routing,
+        learner,
+        tokens,
+        box,
+    )
     parts = Parts(
         config=config,
         conn=conn,
@@ -134,7 +156,7 @@ def wire(config: Config, redis_url: str) -> Parts:
         account_store=account_store,
         accounts=accounts,
         hot_store=hot_store,
-        account_states=LiveAccountStates(hot_store),
+        account_states=account_states,
         tokens=tokens,
         poller=UsagePoller(
             leases,
@@ -145,6 +167,9 @@ def wire(config: Config, redis_url: str) -> Parts:
             config.upstream_base_url,
             config.usage_poll_seconds,
         ),
+        routing=routing,
+        learner=learner,
+        relay=relay,
     )
     for copy in (parts.settings, parts.api_keys, parts.accounts, parts.account_states):
         hub.register(copy)
@@ -169,7 +194,11 @@ def routes_objects(parts: Parts, table: list[Endpoint]) -> list[object]:
             parts.account_store, parts.hot_store, parts.box, parts.settings
         ),
         proxy_routes.ProxyRoutes(
-            parts.accounts, parts.account_states, parts.tokens, config.upstream_base_url
+            parts.accounts,
+            parts.account_states,
+            parts.tokens,
+            config.upstream_base_url,
+            parts.relay,
         ),
         openapi.OpenApiRoutes(table),
     ]
@@ -222,15 +251,22 @@ def create_app(config: Config) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await parts.relay.start()
         await hub.start()
         polling = asyncio.create_task(parts.poller.run(), name="usage-poller")
+        learning = asyncio.create_task(parts.learner.run(), name="learner")
         try:
             yield
         finally:
             hub.draining = True
             polling.cancel()
-            await asyncio.wait([polling], timeout=5)
+            learning.cancel()
+            await asyncio.wait([polling, learning], timeout=5)
             await parts.poller.stop()
+            # What traffic taught, and new thread pins, still reach Redis for the others.
+            await parts.learner.stop(LEARN_DRAIN_SECONDS)
+            await parts.routing.drain(LEARN_DRAIN_SECONDS)
+            await parts.relay.close()
             # A refresh whose caller was cancelled still stores its tokens before the client
             # and Redis connection close (the old refresh token is spent).
             await parts.tokens.drain(TOKEN_DRAIN_SECONDS)

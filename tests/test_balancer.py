@@ -8,30 +8,136 @@ import time
 from service.accounts.domain import AccountState, Cooldown, HotState, Usage
 from service.accounts.hot import HotStore, LiveAccountStates
 from service.core.connection import Connection, connect
-from service.proxy.balancer import Candidate, Choice, Pin, Policy, pick
+from service.proxy.balancer import Candidate, Choice, Pin, Policy, Pool, Window, needs_turn, pick
 from service.proxy.candidates import candidates
 
 STICKY = Policy("usage_weighted", prefer_earlier_reset_accounts=False, sticky_threads_enabled=True)
 LOOSE = Policy("usage_weighted", prefer_earlier_reset_accounts=False, sticky_threads_enabled=False)
+RR = Policy("round_robin", prefer_earlier_reset_accounts=False, sticky_threads_enabled=False)
+NOW = 1_800_000_000.0
+
+
+def choose(
+    cands: list[Candidate],
+    policy: Policy,
+    pin: Pin | None = None,
+    *,
+    turn: int = 0,
+    rand: float = 0.0,
+    exclude: frozenset[str] = frozenset(),
+) -> Choice | None:
+    return pick(Pool.build(cands, NOW), policy, pin, turn=turn, rand=rand, exclude=exclude)
+
+
+def used(account_id: str, primary: float, secondary: float = 0.0, **kw: object) -> Candidate:
+    return Candidate(
+        account_id,
+        "active",
+        Window(primary, NOW + 3600, 18000),
+        Window(secondary, kw.get("weekly_reset", NOW + 86400 * 3), 604800),  # type: ignore[arg-type]
+    )
 
 
 def test_no_eligible_account_is_no_choice() -> None:
     pool = [Candidate("a", "paused"), Candidate("b", "rate_limited")]
-    assert pick(pool, STICKY, None, 0.0) is None
-    assert pick([], STICKY, None, 0.0) is None
+    assert choose(pool, STICKY) is None
+    assert choose([], STICKY) is None
 
 
 def test_only_eligible_accounts_are_picked() -> None:
     pool = [Candidate("a", "quota_exceeded"), Candidate("b", "active")]
-    assert pick(pool, STICKY, None, 0.0) == Choice("b", pinned=False)
+    for r in (0.0, 0.5, 0.99):
+        assert choose(pool, STICKY, rand=r) == Choice("b", pinned=False, repin=True)
 
 
 def test_a_pin_decides_while_its_account_is_eligible_and_sticky_threads_are_on() -> None:
     pool = [Candidate("a", "active"), Candidate("b", "active")]
-    assert pick(pool, STICKY, Pin("thread", "b"), 0.0) == Choice("b", pinned=True)
-    assert pick(pool, LOOSE, Pin("thread", "b"), 0.0) == Choice("a", pinned=False)
-    blocked = [Candidate("a", "active"), Candidate("b", "rate_limited")]
-    assert pick(blocked, STICKY, Pin("thread", "b"), 0.0) == Choice("a", pinned=False)
+    assert choose(pool, STICKY, Pin("thread", "b")) == Choice("b", pinned=True)
+    # Off: routed afresh (rand 0 takes the first by id).
+    assert choose(pool, LOOSE, Pin("thread", "b")) == Choice("a", pinned=False, repin=True)
+
+
+def test_a_limited_pin_is_skipped_but_kept_and_a_paused_or_deleted_one_moves() -> None:
+    limited = [Candidate("a", "active"), Candidate("b", "rate_limited")]
+    assert choose(limited, STICKY, Pin("t", "b")) == Choice("a", pinned=False, repin=False)
+    weekly = [Candidate("a", "active"), Candidate("b", "quota_exceeded")]
+    assert choose(weekly, STICKY, Pin("t", "b")) == Choice("a", pinned=False, repin=False)
+    paused = [Candidate("a", "active"), Candidate("b", "paused")]
+    assert choose(paused, STICKY, Pin("t", "b")) == Choice("a", pinned=False, repin=True)
+    reauth = [Candidate("a", "active"), Candidate("b", "reauth_required")]
+    assert choose(reauth, STICKY, Pin("t", "b")) == Choice("a", pinned=False, repin=True)
+    deleted = [Candidate("a", "active")]
+    assert choose(deleted, STICKY, Pin("t", "b")) == Choice("a", pinned=False, repin=True)
+    # A pin this request already failed on is skipped for the retry, not moved.
+    both = [Candidate("a", "active"), Candidate("b", "active")]
+    failed = choose(both, STICKY, Pin("t", "b"), exclude=frozenset({"b"}))
+    assert failed == Choice("a", pinned=False, repin=False)
+
+
+def test_usage_weighted_shares_follow_remaining_capacity() -> None:
+    pool = Pool.build([used("a", 10), used("b", 50, 20), used("c", 30, 90)], NOW)
+    counts = {"a": 0, "b": 0, "c": 0}
+    steps = 10_000
+    for i in range(steps):
+        choice = pick(pool, LOOSE, None, turn=0, rand=(i + 0.5) / steps)
+        assert choice is not None
+        counts[choice.account_id] += 1
+    # Remaining: 90, 50 (the higher window counts), 10.
+    assert counts == {"a": 6000, "b": 3333, "c": 667} or (
+        abs(counts["a"] - 6000) <= 1 and abs(counts["b"] - 3333) <= 1
+    )
+
+
+def test_an_exhausted_account_gets_nothing_and_a_reset_window_counts_as_fresh() -> None:
+    full = Candidate("full", "active", Window(100, NOW + 60))
+    stale = Candidate("stale", "active", Window(100, NOW - 1))  # reset already passed
+    pool = Pool.build([full, Candidate("half", "active", Window(50, NOW + 60)), stale], NOW)
+    seen = set()
+    for i in range(100):
+        choice = pick(pool, LOOSE, None, turn=0, rand=i / 100)
+        assert choice is not None
+        seen.add(choice.account_id)
+    assert seen == {"half", "stale"}
+
+
+def test_round_robin_takes_the_eligible_accounts_in_turn_by_id() -> None:
+    pool = Pool.build([used("c", 99), used("a", 0), Candidate("x", "paused"), used("b", 50)], NOW)
+    order = []
+    for turn in range(6):
+        choice = pick(pool, RR, None, turn=turn, rand=0.0)
+        assert choice is not None
+        order.append(choice.account_id)
+    assert order == ["a", "b", "c", "a", "b", "c"]
+    assert not needs_turn(LOOSE)
+    assert needs_turn(RR)
+
+
+def test_prefer_earlier_reset_narrows_to_the_earliest_bucket_with_capacity() -> None:
+    soon = used("soon", 20, 40, weekly_reset=NOW + 3600)
+    same_day = used("same-day", 20, 40, weekly_reset=NOW + 3600 + 20 * 3600)
+    later = used("later", 0, 0, weekly_reset=NOW + 5 * 86400)
+    spent = used("spent", 0, 100, weekly_reset=NOW + 60)  # earliest, but no capacity
+    prefer = Policy("usage_weighted", True, False)
+    pool = Pool.build([soon, same_day, later, spent], NOW)
+    picked = {pick(pool, prefer, None, turn=0, rand=i / 50).account_id for i in range(50)}  # type: ignore[union-attr]
+    assert picked == {"soon", "same-day"}
+    # Off: reset times are ignored.
+    loose = {pick(pool, LOOSE, None, turn=0, rand=i / 50).account_id for i in range(50)}  # type: ignore[union-attr]
+    assert loose == {"soon", "same-day", "later"}
+    # With the bucket failed on, the next bucket serves.
+    rest = pick(pool, prefer, None, turn=0, rand=0.0, exclude=frozenset({"soon", "same-day"}))
+    assert rest == Choice("later", pinned=False, repin=True)
+
+
+def test_the_pool_is_valid_until_the_first_time_based_change() -> None:
+    cooling = Candidate("a", "rate_limited", available_at=NOW + 30, changes_at=NOW + 30)
+    resetting = Candidate("b", "active", Window(10, NOW + 90), changes_at=NOW + 90)
+    pool = Pool.build([cooling, resetting], NOW)
+    assert pool.valid_until == NOW + 30
+    assert pool.recovers_at() is None  # b can serve
+    limited = Pool.build([cooling, Candidate("c", "quota_exceeded", available_at=NOW + 99)], NOW)
+    assert limited.recovers_at() == NOW + 30
+    assert Pool.build([Candidate("p", "paused")], NOW).recovers_at() is None
 
 
 def account(account_id: str, status: str = "active") -> AccountState:

@@ -135,6 +135,8 @@ class LiveAccountStates:
         self.store = store
         self.channel = store.channel
         self.states: dict[str, HotState] = {}
+        # Bumped on every change, so a view made from the states knows when to be made again.
+        self.generation = 0
         self._loaded = False
         self._resyncs: set[asyncio.Task[None]] = set()
 
@@ -154,6 +156,7 @@ class LiveAccountStates:
             state = read_state(account_id, fields)
             states[account_id] = self.get(account_id).merged(state)
         self.states = states
+        self.generation += 1
         self._loaded = True
 
     async def check(self) -> None:
@@ -173,7 +176,13 @@ class LiveAccountStates:
         except MalformedAccount:
             self._resync_one(message.id)
             return
-        self.states[message.id] = self.get(message.id).merged(state)
+        self.observe(message.id, state)
+
+    def observe(self, account_id: str, state: HotState) -> None:
+        """Merge what this process just learned (or was told): it counts at once, here, before
+        any write to Redis returns (the proxy learns from every response)."""
+        self.states[account_id] = self.get(account_id).merged(state)
+        self.generation += 1
 
     def _resync_one(self, account_id: str) -> None:
         """Read one account's state again (a message we could not read)."""
@@ -183,7 +192,7 @@ class LiveAccountStates:
                 fields = await self.store.get(account_id)
             except StoreUnavailable:
                 return  # the reconcile loop reads everything again
-            self.states[account_id] = self.get(account_id).merged(read_state(account_id, fields))
+            self.observe(account_id, read_state(account_id, fields))
 
         task = asyncio.create_task(resync(), name=f"resync state {account_id}")
         self._resyncs.add(task)

@@ -49,6 +49,9 @@ class Endpoint:
     # Multipart part name: the body is one or more such parts, each a ``request`` document, or
     # one ``request`` document sent as JSON.
     upload: str | None = None
+    # A body forwarded to the upstream as the client sent it, of this media type: documented as
+    # an open document (the upstream judges it), capped in size; ``request`` stays None.
+    passthrough: str | None = None
     # The handler reads or writes Redis, so an outage answers 503 ``store_unavailable``.
     store: bool = True
     # Answers with a body of their own rather than an error envelope (/health/ready's 503).

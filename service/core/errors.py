@@ -13,6 +13,9 @@
     ├── UnsupportedMediaType     415
     ├── ValidationFailed         422
     ├── RateLimited              429 (carries Retry-After)
+    ├── UsageLimitReached        429 (proxy: every account limited; carries resets_at)
+    ├── UpstreamError            502 (and UpstreamUnavailable)
+    ├── NoAccounts               503
     ├── StoreUnavailable         503
     ├── StoreError               500 (Redis refused a command; the cause is logged)
     └── NotReady                 503
@@ -22,6 +25,8 @@ needs a try/except of its own.
 """
 
 from __future__ import annotations
+
+import time
 
 import msgspec
 from starlette.responses import Response
@@ -138,6 +143,22 @@ class UpstreamError(ServiceError):
     status, code, message = 502, "upstream_error", "The upstream answered with an error"
 
 
+class UpstreamUnavailable(UpstreamError):
+    code, message = "upstream_unavailable", "The upstream could not be reached"
+
+
+class UsageLimitReached(ServiceError):
+    """Every account is rate-limited. The Codex CLI shows "usage limit" only for this shape:
+    ``error.type`` and ``error.code`` both ``usage_limit_reached``, with a real ``resets_at``."""
+
+    status, code = 429, "usage_limit_reached"
+    message = "Every account in the pool has reached its usage limit"
+
+    def __init__(self, resets_at: float):
+        self.resets_at = int(resets_at)
+        super().__init__(headers={"Retry-After": str(max(1, round(resets_at - time.time())))})
+
+
 class InvalidApiKey(ServiceError):
     status, code, message = 401, "invalid_api_key", "Invalid or missing API key"
 
@@ -167,10 +188,17 @@ class _OpenAIError(msgspec.Struct):
     param: str | None = None
 
 
+class _OpenAILimitError(_OpenAIError, kw_only=True):
+    """``usage_limit_reached`` carries when the limit lifts, as the upstream's own 429 does."""
+
+    resets_at: int
+    resets_in_seconds: int
+
+
 class OpenAIErrorEnvelope(msgspec.Struct):
     """The OpenAI shape for proxy routes, so SDKs and the Codex CLI can show it."""
 
-    error: _OpenAIError
+    error: _OpenAIError  # or its _OpenAILimitError (encoded with its own fields)
 
 
 def dashboard_error_response(exc: ServiceError) -> Response:
@@ -182,16 +210,21 @@ def dashboard_error_response(exc: ServiceError) -> Response:
 
 
 def openai_error_response(exc: ServiceError, *, error_type: str | None = None) -> Response:
-    body = OpenAIErrorEnvelope(
-        _OpenAIError(
+    default_type = "invalid_request_error" if exc.status < 500 else "server_error"
+    kind = error_type or default_type
+    error: _OpenAIError
+    if isinstance(exc, UsageLimitReached):
+        error = _OpenAILimitError(
             message=exc.message,
-            type=error_type or ("invalid_request_error" if exc.status < 500 else "server_error"),
+            type=exc.code,
             code=exc.code,
+            resets_at=exc.resets_at,
+            resets_in_seconds=max(0, exc.resets_at - int(time.time())),
         )
-    )
-    return Response(
-        _encoder.encode(body), exc.status, headers=exc.headers, media_type="application/json"
-    )
+    else:
+        error = _OpenAIError(message=exc.message, type=kind, code=exc.code)
+    body = _encoder.encode(OpenAIErrorEnvelope(error))
+    return Response(body, exc.status, headers=exc.headers, media_type="application/json")
 
 
 def is_proxy_path(path: str) -> bool:

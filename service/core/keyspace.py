@@ -41,6 +41,10 @@ class Keyspace:
         # accounts, hot: one hash per account that has learned something, and a channel
         self.account_state = f"{prefix}account_state:"  # + account id
         self.account_state_channel = f"{prefix}ch:account_state"
+        # proxy routing shared by processes: thread pins (by a hash of the thread id), the
+        # round-robin counter
+        self.pin = f"{prefix}pin:"  # + sha256 of the thread id, hex
+        self.round_robin = f"{prefix}round_robin"
         # one-at-a-time work and idempotent writes
         self.lease = f"{prefix}lease:"  # + lease name
         self.write_id = f"{prefix}write:"  # + random id

@@ -87,7 +87,11 @@ def derived_errors(ep: Endpoint) -> list[type[ServiceError]]:
         found.append(Unauthorized)  # the handler checks the session itself
     if gate.gated(ep.path):
         found += [InvalidApiKey, NotReady]
-    if ep.upload is not None:
+    if ep.passthrough is not None:
+        found.append(PayloadTooLarge)
+        if ep.passthrough == "application/json":
+            found.append(InvalidJSON)  # the proxy reads a few fields, leniently
+    elif ep.upload is not None:
         found += [UnsupportedMediaType, PayloadTooLarge]
     elif ep.request is not None:
         # ``http.read_json``, in the order it checks.
@@ -128,6 +132,12 @@ def _error_response(errors: list[type[ServiceError]], envelope: dict[str, Any]) 
 
 
 def _request_body(ep: Endpoint, refs: dict[Any, Any]) -> dict[str, Any] | None:
+    if ep.passthrough is not None:
+        return {
+            "required": True,
+            "description": "Forwarded to the upstream byte for byte (up to 16 MiB)",
+            "content": {ep.passthrough: {"schema": {"type": "object"}}},
+        }
     if ep.request is None:
         return None
     document = refs[ep.request]

@@ -1,20 +1,31 @@
 """Which account serves a request: a pure function of what this process knows.
 
 Its inputs are plain values made from the two account copies (the cold record and the hot
-state) at the request's time, the live settings, the thread's pin and the clock; it reads
-nothing else (no Redis, no HTTP, no module state), so it is tested with plain values and costs
-only CPU on the request path. ``import-linter`` holds it to that (``pyproject.toml``,
+state) at one instant, the live settings, the thread's pin, the round-robin turn and the clock;
+it reads nothing else (no Redis, no HTTP, no module state), so it is tested with plain values and
+costs only CPU on the request path. ``import-linter`` holds it to that (``pyproject.toml``,
 "balancer is pure").
 
-Until the proxy issue lands, ``pick`` honours a pin whose account is eligible and otherwise
-takes the first eligible account; the strategies (``usage_weighted``, ``round_robin``) and
-``prefer_earlier_reset_accounts`` come with the proxy.
+The work that grows with the pool (who is eligible, their weights, the earliest weekly-reset
+bucket) is done once in ``Pool.build`` and kept until the copies change or the clock reaches
+the next instant at which some account's eligibility changes by itself (a cooldown ends, a
+window resets): ``pick`` itself is a bisection, whatever the pool's size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import bisect
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+ACTIVE = "active"
+# An account the upstream is holding back for now: a thread pinned to it waits for it (CONTRACT
+# §7: "a rate-limited pin is skipped without being moved"); any other status moves the pin.
+LIMITED = frozenset({"rate_limited", "quota_exceeded"})
+# Weekly resets this close together count as one bucket for prefer_earlier_reset_accounts.
+RESET_BUCKET_SECONDS = 24 * 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +36,12 @@ class Window:
     reset_at: float | None = None  # epoch seconds
     window_seconds: int | None = None
 
+    def used(self, now: float) -> float:
+        """Percent used now: a window whose reset time has passed is fresh again."""
+        if self.used_percent is None or (self.reset_at is not None and self.reset_at <= now):
+            return 0.0
+        return self.used_percent
+
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
@@ -32,15 +49,23 @@ class Candidate:
 
     account_id: str
     # What the account may do now: "active" serves; anything else (paused, reauth_required,
-    # rate_limited, quota_exceeded) does not. Derived at the request's time by the one rule in
+    # rate_limited, quota_exceeded) does not. Derived at the candidate's time by the one rule in
     # ``accounts.domain.status``, so the dashboard and the balancer never disagree.
     status: str
     primary: Window = Window()
     secondary: Window = Window()
+    # For a limited account: when it is expected to serve again (epoch seconds), if known.
+    available_at: float | None = None
+    # The next instant at which this candidate's status or weight changes by the clock alone.
+    changes_at: float = math.inf
 
     @property
     def eligible(self) -> bool:
-        return self.status == "active"
+        return self.status == ACTIVE
+
+    def remaining(self, now: float) -> float:
+        """Capacity left: 100 minus the higher of the two windows' used percent."""
+        return max(0.0, 100.0 - max(self.primary.used(now), self.secondary.used(now)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,17 +90,139 @@ class Choice:
     account_id: str
     # The thread's pin decided it (for the request log and the sticky-hit metrics).
     pinned: bool
+    # The thread's pin should now name this account: the thread had none, or its account was
+    # paused or deleted. False when the pin decided, or when its account is only limited.
+    repin: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    """Eligible accounts in a fixed order (by id, so every process counts turns alike) and the
+    running sum of their weights, for weighted choice by bisection."""
+
+    members: tuple[Candidate, ...]
+    cumulative: tuple[float, ...]
+
+    @classmethod
+    def of(cls, members: Iterable[Candidate], now: float) -> _Group:
+        ordered = tuple(sorted(members, key=lambda c: c.account_id))
+        weights = (c.remaining(now) for c in ordered)
+        return cls(ordered, tuple(itertools.accumulate(weights)))
+
+    def weighted(self, rand: float) -> Candidate:
+        total = self.cumulative[-1]
+        if total <= 0:
+            # Every window says full yet the accounts are eligible (a stale percent): share
+            # equally rather than refuse traffic the upstream may well accept.
+            return self.members[min(int(rand * len(self.members)), len(self.members) - 1)]
+        i = bisect.bisect_right(self.cumulative, rand * total)
+        return self.members[min(i, len(self.members) - 1)]
+
+    def turn(self, turn: int) -> Candidate:
+        return self.members[turn % len(self.members)]
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """The pool at one instant, prepared for picks (see the module's docstring)."""
+
+    by_id: dict[str, Candidate]
+    eligible: _Group
+    # The eligible accounts whose weekly window resets in the earliest 24 h bucket that still
+    # has capacity (all of them when no reset time is known).
+    earliest: _Group
+    built_at: float
+    # The first instant at which the pool must be built again though nothing was learned.
+    valid_until: float
+    candidates: tuple[Candidate, ...] = field(default=())
+
+    @classmethod
+    def build(cls, candidates: Sequence[Candidate], now: float) -> Pool:
+        eligible = [c for c in candidates if c.eligible]
+        return cls(
+            by_id={c.account_id: c for c in candidates},
+            eligible=_Group.of(eligible, now),
+            earliest=_Group.of(_earliest_bucket(eligible, now), now),
+            built_at=now,
+            valid_until=min((c.changes_at for c in candidates), default=math.inf),
+            candidates=tuple(candidates),
+        )
+
+    def recovers_at(self) -> float | None:
+        """When the earliest limited account serves again, if every serving account is limited
+        (the pool's 429 says it); None when some account could serve or none is merely limited."""
+        limited = [c for c in self.candidates if c.status in LIMITED]
+        if not limited or self.eligible.members:
+            return None
+        known = [c.available_at for c in limited if c.available_at is not None]
+        return min(known) if known else None
+
+    def any_limited(self) -> bool:
+        return any(c.status in LIMITED for c in self.candidates)
+
+
+def _earliest_bucket(eligible: list[Candidate], now: float) -> list[Candidate]:
+    with_capacity = [c for c in eligible if c.remaining(now) > 0]
+    resets = [
+        c.secondary.reset_at
+        for c in with_capacity
+        if c.secondary.reset_at is not None and c.secondary.reset_at > now
+    ]
+    if not resets:
+        return eligible
+    first = min(resets)
+    return [
+        c
+        for c in with_capacity
+        if c.secondary.reset_at is not None and c.secondary.reset_at < first + RESET_BUCKET_SECONDS
+    ]
+
+
+def pin_decides(
+    pool: Pool, policy: Policy, pin: Pin | None, exclude: frozenset[str] = frozenset()
+) -> bool:
+    """Whether the thread's pin picks the account (so no round-robin turn is taken)."""
+    if pin is None or not policy.sticky_threads_enabled or pin.account_id in exclude:
+        return False
+    pinned = pool.by_id.get(pin.account_id)
+    return pinned is not None and pinned.eligible
+
+
+def needs_turn(policy: Policy) -> bool:
+    return policy.routing_strategy == "round_robin"
 
 
 def pick(
-    candidates: Sequence[Candidate], policy: Policy, pin: Pin | None, now: float
+    pool: Pool,
+    policy: Policy,
+    pin: Pin | None,
+    *,
+    turn: int,
+    rand: float,
+    exclude: frozenset[str] = frozenset(),
 ) -> Choice | None:
-    """The account for the next request, or None when no account may serve."""
-    eligible = [c for c in candidates if c.eligible]
-    if not eligible:
-        return None
+    """The account for the next request, or None when no account may serve.
+
+    ``turn`` is the next round-robin turn (from a counter shared by every process, taken only
+    when ``needs_turn`` and not ``pin_decides``); ``rand`` is uniform in [0, 1); ``exclude``
+    holds the accounts this request already failed on.
+    """
+    repin = True
     if pin is not None and policy.sticky_threads_enabled:
-        for c in eligible:
-            if c.account_id == pin.account_id:
-                return Choice(c.account_id, pinned=True)
-    return Choice(eligible[0].account_id, pinned=False)
+        if pin_decides(pool, policy, pin, exclude):
+            return Choice(pin.account_id, pinned=True)
+        pinned = pool.by_id.get(pin.account_id)
+        # Limited, or failed on by this very request: skipped, but the pin stays put.
+        repin = pinned is None or not (pinned.status in LIMITED or pinned.account_id in exclude)
+    group = pool.earliest if policy.prefer_earlier_reset_accounts else pool.eligible
+    if exclude:
+        now = pool.built_at
+        group = _Group.of((c for c in group.members if c.account_id not in exclude), now)
+        if not group.members and policy.prefer_earlier_reset_accounts:
+            rest = (c for c in pool.eligible.members if c.account_id not in exclude)
+            group = _Group.of(_earliest_bucket(list(rest), now), now)
+    if not group.members:
+        return None
+    rr = policy.routing_strategy == "round_robin"
+    chosen = group.turn(turn) if rr else group.weighted(rand)
+    return Choice(chosen.account_id, pinned=False, repin=repin)

@@ -1,13 +1,21 @@
 """The balancer's view of the pool, made from this process's two account copies at one instant:
-the cold record says who the operator lets serve, the hot state what the upstream last said."""
+the cold record says who the operator lets serve, the hot state what the upstream last said.
+
+``PoolView`` keeps the prepared ``Pool`` until either copy changes or the clock reaches the next
+instant at which an account's eligibility changes by itself (a cooldown ends, a window's known
+reset time passes): the pool is never stale by a cache lifetime, and an account whose window
+just reset is back in selection on the very next pick.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
-from service.accounts.domain import AccountState, Usage, status
+from service.accounts.domain import AccountState, HotState, Usage, status
 from service.accounts.hot import LiveAccountStates
-from service.proxy.balancer import Candidate, Window
+from service.accounts.live import LiveAccounts
+from service.proxy.balancer import Candidate, Pool, Window
 
 
 def _windows(usage: Usage) -> tuple[Window, Window]:
@@ -19,12 +27,63 @@ def _windows(usage: Usage) -> tuple[Window, Window]:
     )
 
 
+def _available_at(state: str, hot: HotState, now: float) -> float | None:
+    """When a limited account serves again, as far as its state says: the last of the things
+    that hold it now (a cooldown, a full window); None when nothing says when."""
+    if state not in ("rate_limited", "quota_exceeded"):
+        return None
+    usage = hot.usage
+    holds = [
+        (hot.cooldown.until, True),
+        (usage.primary_reset_at, usage.limit_reached or _full(usage.primary_used_percent)),
+        (usage.secondary_reset_at, _full(usage.secondary_used_percent)),
+    ]
+    times = [t for t, holding in holds if holding and t is not None and t > now]
+    return max(times) if times else None
+
+
+def _full(percent: float | None) -> bool:
+    return percent is not None and percent >= 100
+
+
+def _changes_at(hot: HotState, now: float) -> float:
+    usage = hot.usage
+    times = (hot.cooldown.until, usage.primary_reset_at, usage.secondary_reset_at)
+    return min((t for t in times if t is not None and t > now), default=math.inf)
+
+
+def candidate(account: AccountState, hot: HotState, now: float) -> Candidate:
+    primary, secondary = _windows(hot.usage)
+    state = status(account, hot, now)
+    return Candidate(
+        account.id,
+        state,
+        primary,
+        secondary,
+        available_at=_available_at(state, hot, now),
+        changes_at=_changes_at(hot, now),
+    )
+
+
 def candidates(
     accounts: Iterable[AccountState], states: LiveAccountStates, now: float
 ) -> list[Candidate]:
-    out = []
-    for account in accounts:
-        hot = states.get(account.id)
-        primary, secondary = _windows(hot.usage)
-        out.append(Candidate(account.id, status(account, hot, now), primary, secondary))
-    return out
+    return [candidate(account, states.get(account.id), now) for account in accounts]
+
+
+class PoolView:
+    """The prepared pool of this process, made again only when it may have changed."""
+
+    def __init__(self, accounts: LiveAccounts, states: LiveAccountStates):
+        self.accounts = accounts
+        self.states = states
+        self._pool: Pool | None = None
+        self._made_from: tuple[object, ...] = ()
+
+    def current(self, now: float) -> Pool:
+        made_from = (self.accounts.epoch, self.accounts.version, self.states.generation)
+        pool = self._pool
+        if pool is None or made_from != self._made_from or now >= pool.valid_until:
+            pool = Pool.build(candidates(self.accounts.accounts.values(), self.states, now), now)
+            self._pool, self._made_from = pool, made_from
+        return pool

@@ -1,35 +1,46 @@
-"""Proxy routes that answer from the pool: ``GET /v1/models`` and ``GET /api/codex/usage``."""
+"""The proxy's routes (CONTRACT §7): forwarded to the upstream on a pool account, or answered
+from the pool (``/v1/models``, ``/api/codex/usage``).
+
+A forwarded body passes through byte for byte: only ``stream`` and ``prompt_cache_key`` are
+read from it, leniently, so new tools and fields reach the upstream as the client sent them.
+"""
 
 from __future__ import annotations
 
 import random
 import time
-from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.accounts.domain import (
-    ACTIVE,
-    PAUSED,
-    REAUTH_REQUIRED,
-    AccountState,
-    HotState,
-    Usage,
-    status,
-)
 from service.accounts.hot import LiveAccountStates
 from service.accounts.live import LiveAccounts
 from service.accounts.tokens import ReauthRequired, RefreshFailed, TokenManager
-from service.core.bodies import ResponseBody, json_response
+from service.core.bodies import ResponseBody, json_response, read_body
 from service.core.endpoints import Endpoint
-from service.core.errors import NoAccounts, UpstreamError
+from service.core.errors import (
+    InvalidJSON,
+    NoAccounts,
+    PayloadTooLarge,
+    UpstreamError,
+    UpstreamUnavailable,
+    UsageLimitReached,
+)
 from service.proxy.candidates import candidates
+from service.proxy.chat import ChatCollector, ChatStream, InvalidChatRequest, chat_request
+from service.proxy.pool_usage import PoolUsage, pool_usage
+from service.proxy.relay import Answer, Outgoing, Relay
+from service.proxy.sse import EventReader
+from service.proxy.streaming import Passthrough, Streamed
+from service.proxy.translation import ChatTranslation
+from service.proxy.upstream import response_headers
 
-# --- /v1/models ---------------------------------------------------------------------------------
+# The largest request body forwarded (a Responses request with images, an audio file).
+BODY_LIMIT = 16 * 1024 * 1024
 
 
 class Model(ResponseBody):
@@ -55,69 +66,44 @@ class _UpstreamModels(msgspec.Struct):
 _models = msgspec.json.Decoder(_UpstreamModels)
 
 
-# --- /api/codex/usage -----------------------------------------------------------------------------
+class _Peek(msgspec.Struct):
+    """The only fields the proxy reads from a forwarded body; any type is accepted, since the
+    upstream, not the proxy, judges the request."""
+
+    stream: Any = None
+    prompt_cache_key: Any = None
 
 
-class UsageWindow(ResponseBody):
-    used_percent: float
-    limit_window_seconds: int | None
-    reset_after_seconds: int | None
-    reset_at: int | None
+_peek = msgspec.json.Decoder(_Peek)
 
 
-class RateLimit(ResponseBody):
-    allowed: bool
-    limit_reached: bool
-    primary_window: UsageWindow | None
-    secondary_window: UsageWindow | None
+def _peek_body(body: bytes) -> _Peek:
+    try:
+        return _peek.decode(body)
+    except msgspec.ValidationError:
+        raise InvalidJSON("Request body must be a JSON object") from None
+    except msgspec.DecodeError:
+        raise InvalidJSON() from None
 
 
-class Credits(ResponseBody):
-    has_credits: bool = False
-    unlimited: bool = False
-    balance: str = "0"
+def thread_id(request: Request, prompt_cache_key: object) -> str | None:
+    """The conversation a request belongs to: the ``session_id`` header (``session-id``, as
+    Codex CLI 0.171 spells it, counts the same), else ``x-session-id``, else the body's
+    ``prompt_cache_key`` (which the Codex CLI sets to the same thread id)."""
+    headers = request.headers
+    found = headers.get("session_id") or headers.get("session-id") or headers.get("x-session-id")
+    if found:
+        return found
+    return prompt_cache_key if isinstance(prompt_cache_key, str) and prompt_cache_key else None
 
 
-class PoolUsage(ResponseBody):
-    """The upstream ``wham/usage`` shape, for the whole pool."""
-
-    plan_type: str | None
-    rate_limit: RateLimit
-    credits: Credits
+def _upstream_path(request: Request, path: str) -> str:
+    query = request.url.query
+    return f"{path}?{query}" if query else path
 
 
-def _window(usages: list[Usage], which: str, now: float) -> UsageWindow | None:
-    """Mean used percent over the accounts that reported it; the earliest reset among them."""
-    used = [getattr(u, f"{which}_used_percent") for u in usages]
-    known = [p for p in used if p is not None]
-    if not known:
-        return None
-    resets = [r for u in usages if (r := getattr(u, f"{which}_reset_at")) is not None]
-    sizes = [s for u in usages if (s := getattr(u, f"{which}_window_seconds")) is not None]
-    reset_at = min(resets) if resets else None
-    return UsageWindow(
-        used_percent=round(sum(known) / len(known), 2),
-        limit_window_seconds=max(sizes) if sizes else None,
-        reset_after_seconds=None if reset_at is None else max(0, int(reset_at - now)),
-        reset_at=None if reset_at is None else int(reset_at),
-    )
-
-
-def pool_usage(accounts: list[tuple[AccountState, HotState]], now: float) -> PoolUsage:
-    pool = [(a, hot) for a, hot in accounts if a.status not in (PAUSED, REAUTH_REQUIRED)]
-    serving = [a for a, hot in pool if status(a, hot, now) == ACTIVE]
-    plans = Counter(a.plan_type for a, _ in pool if a.plan_type)
-    usages = [hot.usage for _, hot in pool]
-    return PoolUsage(
-        plan_type=plans.most_common(1)[0][0] if plans else None,
-        rate_limit=RateLimit(
-            allowed=bool(serving),
-            limit_reached=bool(pool) and not serving,
-            primary_window=_window(usages, "primary", now),
-            secondary_window=_window(usages, "secondary", now),
-        ),
-        credits=Credits(),
-    )
+async def _body(request: Request) -> bytes:
+    return await read_body(request, BODY_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -126,6 +112,109 @@ class ProxyRoutes:
     states: LiveAccountStates
     tokens: TokenManager
     upstream_base_url: str
+    relay: Relay
+
+    # --- forwarded ------------------------------------------------------------------------
+
+    def _stream(self, answer: Answer) -> Streamed:
+        upstream = answer.response
+        sse = upstream.content_type == "text/event-stream"
+        account_id = answer.account_id
+
+        def on_event(name: str, data: bytes) -> None:
+            if name == "codex.rate_limits":
+                self.relay.learn_event(account_id, data)
+
+        headers = response_headers(upstream.headers)
+        return Streamed(answer, headers, Passthrough(on_event, sse=sse))
+
+    async def _forward(self, request: Request, path: str) -> Streamed:
+        body = await _body(request)
+        peek = _peek_body(body)
+        out = Outgoing(
+            "POST",
+            _upstream_path(request, path),
+            body,
+            request.headers.raw,
+            thread_id(request, peek.prompt_cache_key),
+        )
+        return self._stream(await self.relay.open(out))
+
+    async def responses(self, request: Request) -> Response:
+        return await self._forward(request, "/codex/responses")
+
+    async def compact(self, request: Request) -> Response:
+        return await self._forward(request, "/codex/responses/compact")
+
+    async def codex_models(self, request: Request) -> Response:
+        out = Outgoing("GET", _upstream_path(request, "/codex/models"), b"", request.headers.raw)
+        return self._stream(await self.relay.open(out))
+
+    async def transcribe(self, request: Request) -> Response:
+        body = await _body(request)
+        out = Outgoing("POST", _upstream_path(request, "/transcribe"), body, request.headers.raw)
+        return self._stream(await self.relay.open(out))
+
+    async def chat_completions(self, request: Request) -> Response:
+        chat = chat_request(await _body(request))
+        headers = [
+            (k, v) for k, v in request.headers.raw if k.lower() not in (b"accept", b"content-type")
+        ]
+        headers += [(b"accept", b"text/event-stream"), (b"content-type", b"application/json")]
+        out = Outgoing(
+            "POST",
+            "/codex/responses",
+            chat.upstream_body,
+            headers,
+            thread_id(request, chat.prompt_cache_key),
+        )
+        answer = await self.relay.open(out)
+        upstream = answer.response
+        if upstream.status != 200 or upstream.content_type != "text/event-stream":
+            return self._stream(answer)  # the upstream's own error
+        account_id = answer.account_id
+        if chat.stream:
+            translation = ChatTranslation(
+                ChatStream(chat.model, chat.include_usage),
+                lambda name, data: self._learn(account_id, name, data),
+            )
+            headers_out = [
+                (k, v) for k, v in response_headers(upstream.headers) if k != b"content-type"
+            ]
+            headers_out.append((b"content-type", b"text/event-stream; charset=utf-8"))
+            return Streamed(answer, headers_out, translation)
+        return await self._collect(answer, chat.model)
+
+    def _learn(self, account_id: str, name: str, data: bytes) -> None:
+        if name == "codex.rate_limits":
+            self.relay.learn_event(account_id, data)
+
+    async def _collect(self, answer: Answer, model: str) -> Response:
+        """A non-streamed chat completion: the upstream's stream gathered into one answer."""
+        upstream = answer.response
+        collector = ChatCollector(model)
+        reader = EventReader()
+        try:
+            async for data in upstream.content.iter_any():
+                for name, body in reader.feed(data):
+                    self._learn(answer.account_id, name, body)
+                    collector.feed(name, body)
+            for name, body in reader.close():
+                collector.feed(name, body)
+        except (TimeoutError, OSError) as exc:
+            raise UpstreamError(f"The upstream stream broke off ({type(exc).__name__})") from None
+        finally:
+            upstream.close()
+        if collector.failed is not None:
+            raise UpstreamError(collector.failed.message)
+        headers = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in response_headers(upstream.headers)
+            if k != b"content-type"
+        }
+        return Response(collector.result(), 200, headers=headers, media_type="application/json")
+
+    # --- answered from the pool -----------------------------------------------------------
 
     async def _get_with_account(self, path: str) -> httpx.Response:
         """GET an upstream route with one serving account, refreshing its token once on a 401."""
@@ -160,7 +249,78 @@ class ProxyRoutes:
         return json_response(pool_usage(pool, time.time()))
 
 
+_FORWARD_ERRORS = (
+    InvalidJSON,
+    PayloadTooLarge,
+    NoAccounts,
+    UsageLimitReached,
+    UpstreamUnavailable,
+)
+
+
+def _forwarded(method: str, path: str, handler: Any, summary: str, **extra: Any) -> Endpoint:
+    if method == "POST":
+        extra.setdefault("passthrough", "application/json")
+    return Endpoint(
+        method,
+        path,
+        handler,
+        summary,
+        "proxy",
+        auth="api_key",
+        errors=extra.pop("errors", _FORWARD_ERRORS),
+        store=False,  # routed from the live copies; Redis trouble degrades, never refuses
+        **extra,
+    )
+
+
 ENDPOINTS = [
+    _forwarded(
+        "POST",
+        "/backend-api/codex/responses",
+        ProxyRoutes.responses,
+        "A Responses request, streamed (SSE) or not, on a pool account",
+    ),
+    _forwarded(
+        "POST",
+        "/v1/responses",
+        ProxyRoutes.responses,
+        "A Responses request, streamed (SSE) or not, on a pool account",
+    ),
+    _forwarded(
+        "POST",
+        "/backend-api/codex/responses/compact",
+        ProxyRoutes.compact,
+        "Compact a conversation (JSON) on a pool account",
+    ),
+    _forwarded(
+        "POST",
+        "/v1/responses/compact",
+        ProxyRoutes.compact,
+        "Compact a conversation (JSON) on a pool account",
+    ),
+    _forwarded(
+        "POST",
+        "/v1/chat/completions",
+        ProxyRoutes.chat_completions,
+        "A Chat Completions request, translated to and from Responses",
+        errors=(InvalidChatRequest, UpstreamError, *_FORWARD_ERRORS),
+    ),
+    _forwarded(
+        "GET",
+        "/backend-api/codex/models",
+        ProxyRoutes.codex_models,
+        "The upstream's model list, through a pool account",
+        errors=(NoAccounts, UsageLimitReached, UpstreamUnavailable),
+    ),
+    _forwarded(
+        "POST",
+        "/backend-api/transcribe",
+        ProxyRoutes.transcribe,
+        "Audio transcription (multipart), passed through to a pool account",
+        passthrough="multipart/form-data",
+        errors=(PayloadTooLarge, NoAccounts, UsageLimitReached, UpstreamUnavailable),
+    ),
     Endpoint(
         "GET",
         "/v1/models",

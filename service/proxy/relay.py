@@ -1,0 +1,243 @@
+"""One proxied request's way to an upstream answer: pick an account, send, fail over.
+
+An account that answers 429, 5xx or not at all, before anything reached the client, cools down
+(until the upstream's ``resets_at``, else a doubling backoff; shared with every process by the
+learner) and the request goes to another account, at most ``MAX_ACCOUNTS`` of them. A 401 gets
+the account's token refreshed once and the request sent again on it. Any other answer, good or
+bad, is the upstream's answer to the client and is passed on as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from service.accounts.domain import AccountState
+from service.accounts.live import LiveAccounts
+from service.accounts.tokens import ReauthRequired, RefreshFailed, TokenManager, Tokens, open_tokens
+from service.core.errors import (
+    NoAccounts,
+    NotReady,
+    ServiceError,
+    UpstreamUnavailable,
+    UsageLimitReached,
+)
+from service.core.secret_box import SecretBox
+from service.proxy import ratelimits
+from service.proxy.balancer import Choice, Pin, Policy, needs_turn, pick, pin_decides
+from service.proxy.candidates import PoolView
+from service.proxy.learning import Learner
+from service.proxy.routing_state import RoutingState
+from service.proxy.upstream import make_session, request_headers
+from service.settings.live import LiveSettings
+
+log = logging.getLogger(__name__)
+
+MAX_ACCOUNTS = 3
+# When every account is limited and none says when it recovers, the 429 still needs a time.
+UNKNOWN_RESET_SECONDS = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """What goes upstream: method, path under the upstream base, body, the client's headers,
+    and the thread id for sticky routing (None: not a thread)."""
+
+    method: str
+    path: str
+    body: bytes
+    headers: Iterable[tuple[bytes, bytes]]
+    thread_id: str | None = None
+
+
+@dataclass
+class Answer:
+    """The upstream's answer, status and headers read, body not yet; the caller must
+    ``release`` it once done."""
+
+    response: aiohttp.ClientResponse
+    account_id: str
+    pinned: bool
+    attempts: int
+    started: float = field(default_factory=time.monotonic)
+
+    def release(self) -> None:
+        self.response.release()
+
+
+class Relay:
+    def __init__(
+        self,
+        upstream_base_url: str,
+        accounts: LiveAccounts,
+        view: PoolView,
+        settings: LiveSettings,
+        routing: RoutingState,
+        learner: Learner,
+        tokens: TokenManager,
+        box: SecretBox,
+    ):
+        # Made when the process starts serving (aiohttp wants a running loop): ``start``.
+        self.session: aiohttp.ClientSession | None = None
+        self.base = upstream_base_url
+        self.accounts = accounts
+        self.view = view
+        self.settings = settings
+        self.routing = routing
+        self.learner = learner
+        self.tokens = tokens
+        self.box = box
+        # Opened tokens by account, for the tokens version they were opened at: opening is a
+        # decryption, not something to do on every request.
+        self._opened: dict[str, tuple[int, Tokens]] = {}
+
+    async def start(self) -> None:
+        self.session = make_session()
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    def _policy(self) -> Policy:
+        record = self.settings.current
+        if record is None:
+            raise NotReady("codex-lb is not ready to serve requests")
+        return Policy(
+            record.routing_strategy,
+            record.prefer_earlier_reset_accounts,
+            record.sticky_threads_enabled,
+        )
+
+    async def _choose(
+        self, policy: Policy, thread_id: str | None, pinned_to: str | None, failed: frozenset[str]
+    ) -> Choice | None:
+        pool = self.view.current(time.time())
+        pin = None if thread_id is None or pinned_to is None else Pin(thread_id, pinned_to)
+        turn = 0
+        if needs_turn(policy) and not pin_decides(pool, policy, pin, failed):
+            turn = await self.routing.next_turn()
+            pool = self.view.current(time.time())  # the await may have let news in
+        return pick(pool, policy, pin, turn=turn, rand=random.random(), exclude=failed)
+
+    def _refusal(self) -> ServiceError:
+        """Why no account could be picked: all limited (429, earliest reset) or none at all."""
+        pool = self.view.current(time.time())
+        if pool.eligible.members or not pool.any_limited():
+            return NoAccounts()
+        return UsageLimitReached(pool.recovers_at() or time.time() + UNKNOWN_RESET_SECONDS)
+
+    async def open(self, out: Outgoing) -> Answer:
+        policy = self._policy()
+        sticky = policy.sticky_threads_enabled and out.thread_id is not None
+        pinned_to = await self.routing.pinned(out.thread_id) if sticky and out.thread_id else None
+        failed: set[str] = set()
+        broken = 0  # accounts whose upstream failed (5xx) or did not answer
+        limits: list[float] = []  # accounts that answered 429: when each recovers
+        for attempt in range(1, MAX_ACCOUNTS + 1):
+            choice = await self._choose(policy, out.thread_id, pinned_to, frozenset(failed))
+            if choice is None:
+                break
+            account = self.accounts.accounts.get(choice.account_id)
+            if account is None:  # deleted between the pick and now
+                failed.add(choice.account_id)
+                continue
+            failed.add(account.id)
+            response = await self._send(account, out)
+            now = time.time()
+            if response is None:
+                broken += 1
+                self.learner.failed(account.id, now, None)
+                continue
+            self._learn_headers(account.id, response, now)
+            if response.status == 429 or response.status >= 500:
+                resets_at = None
+                if response.status == 429:
+                    resets_at = ratelimits.limit_resets_at(await _read_quietly(response), now)
+                response.release()
+                cooldown = self.learner.failed(account.id, now, resets_at)
+                if response.status == 429:
+                    limits.append(cooldown.until or now + UNKNOWN_RESET_SECONDS)
+                else:
+                    broken += 1
+                log.info("account %s answered %s; cooling down", account.id, response.status)
+                continue
+            if response.status == 401:
+                # Refreshed and sent again in _send already: this account cannot serve now.
+                response.release()
+                continue
+            self.learner.served(account.id, now)
+            if sticky and out.thread_id is not None and choice.repin:
+                self.routing.pin(out.thread_id, account.id, replace=pinned_to is not None)
+            return Answer(response, account.id, choice.pinned, attempt)
+        if broken:
+            raise UpstreamUnavailable()
+        if limits:
+            recovers = self.view.current(time.time()).recovers_at()
+            raise UsageLimitReached(min([*limits, recovers] if recovers else limits))
+        raise self._refusal()
+
+    async def _send(self, account: AccountState, out: Outgoing) -> aiohttp.ClientResponse | None:
+        """The upstream's answer on ``account`` (a 401 refreshes the token and tries once more),
+        or None when it could not be reached or the account's tokens cannot be had."""
+        try:
+            version, tokens = await self._tokens(account)
+            response = await self._request(account, tokens, out)
+            if response is not None and response.status == 401:
+                response.release()
+                tokens = await self.tokens.refresh(account.id, version)
+                self._opened[account.id] = (account.tokens_version, tokens)
+                response = await self._request(account, tokens, out)
+            return response
+        except (ReauthRequired, RefreshFailed) as exc:
+            log.warning("account %s skipped: %s", account.id, exc)
+            return None
+
+    async def _tokens(self, account: AccountState) -> tuple[int, Tokens]:
+        opened = self._opened.get(account.id)
+        if opened is None or opened[0] != account.tokens_version:
+            tokens = open_tokens(self.box, account.sealed_tokens)
+            opened = (account.tokens_version, tokens)
+            self._opened[account.id] = opened
+        version, tokens = opened
+        if tokens.expiring(time.time()):
+            tokens = await self.tokens.refresh(account.id, version)
+            self._opened[account.id] = (version, tokens)
+        return version, tokens
+
+    async def _request(
+        self, account: AccountState, tokens: Tokens, out: Outgoing
+    ) -> aiohttp.ClientResponse | None:
+        headers = request_headers(out.headers, tokens.access_token, account.chatgpt_account_id)
+        if self.session is None:
+            raise NotReady("codex-lb is not ready to serve requests")
+        try:
+            return await self.session.request(
+                out.method, self.base + out.path, data=out.body or None, headers=headers
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.warning("account %s: the upstream could not be reached (%s)", account.id, exc)
+            return None
+
+    def _learn_headers(self, account_id: str, response: aiohttp.ClientResponse, now: float) -> None:
+        usage = ratelimits.from_headers(response.headers, now)
+        if usage is not None:
+            self.learner.usage(account_id, usage, now)
+
+    def learn_event(self, account_id: str, data: bytes) -> None:
+        """A ``codex.rate_limits`` event from the middle of a stream."""
+        now = time.time()
+        usage = ratelimits.from_event(data, now)
+        if usage is not None:
+            self.learner.usage(account_id, usage, now)
+
+
+async def _read_quietly(response: aiohttp.ClientResponse) -> bytes:
+    try:
+        return await response.read()
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return b""

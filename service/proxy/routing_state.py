@@ -1,0 +1,87 @@
+"""The routing state every process shares through Redis: thread pins and the round-robin turn.
+
+Both sit on the request's path, so each is one plain command with a short deadline: a pin is
+read with ``GETEX`` (which also slides its lifetime), a turn is one ``INCR``. Writing a pin is
+off the path (the request goes out at once; the write follows). When Redis does not answer in
+time, routing goes on without it: an unpinned pick, a turn from this process's own counter
+(traffic keeps flowing; only stickiness and exact turns degrade).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+
+from redis.exceptions import RedisError
+
+from service.core.connection import Connection, text
+from service.core.errors import StoreError, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+# A thread idle this long loses its pin (each use slides it): Codex conversations are resumed
+# days later, and a pin is a few dozen bytes.
+PIN_TTL_SECONDS = 7 * 24 * 3600
+# How long a request waits for the shared routing state before routing without it.
+LOOKUP_SECONDS = 0.5
+_FAILURES = (StoreUnavailable, StoreError, RedisError, OSError, TimeoutError)
+
+
+def thread_key(thread_id: str) -> str:
+    # Hashed: a thread id is client-chosen text of any length (a prompt_cache_key), and the key
+    # must stay short and say nothing about the conversation.
+    return hashlib.sha256(thread_id.encode()).hexdigest()
+
+
+class RoutingState:
+    def __init__(self, conn: Connection, *, ttl_seconds: int = PIN_TTL_SECONDS):
+        self.conn = conn
+        self.client = conn.client
+        self.keys = conn.keys
+        self.ttl = ttl_seconds
+        self._local_turns = itertools.count()
+        self._writes: set[asyncio.Task[None]] = set()
+
+    async def pinned(self, thread_id: str) -> str | None:
+        """The account the thread is pinned to, sliding the pin's lifetime; None when unknown
+        (or Redis is slow to say)."""
+        key = self.keys.pin + thread_key(thread_id)
+        try:
+            async with asyncio.timeout(LOOKUP_SECONDS):
+                value = await self.conn.call(lambda: self.client.getex(key, ex=self.ttl))
+        except _FAILURES as exc:
+            log.warning("thread pin lookup failed (%s); routing without it", type(exc).__name__)
+            return None
+        return None if value is None else text(value)
+
+    async def next_turn(self) -> int:
+        """The next round-robin turn, counted across every process."""
+        try:
+            async with asyncio.timeout(LOOKUP_SECONDS):
+                return int(await self.conn.call(lambda: self.client.incr(self.keys.round_robin)))
+        except _FAILURES as exc:
+            log.warning("round-robin counter failed (%s); counting locally", type(exc).__name__)
+            return next(self._local_turns)
+
+    def pin(self, thread_id: str, account_id: str, *, replace: bool) -> None:
+        """Pin the thread to the account, off the request's path. A new pin does not overwrite
+        one another process wrote meanwhile (first turn wins); a moved pin does."""
+        key = self.keys.pin + thread_key(thread_id)
+
+        async def write() -> None:
+            try:
+                await self.conn.call(
+                    lambda: self.client.set(key, account_id, ex=self.ttl, nx=not replace)
+                )
+            except _FAILURES as exc:
+                log.warning("thread pin write failed (%s)", type(exc).__name__)
+
+        task = asyncio.create_task(write(), name="pin thread")
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def drain(self, seconds: float) -> None:
+        if self._writes:
+            await asyncio.wait(set(self._writes), timeout=seconds)

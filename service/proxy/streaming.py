@@ -1,0 +1,148 @@
+"""Sending an upstream answer on to the client as it arrives.
+
+A plain ASGI response (not Starlette's ``StreamingResponse``: this is the hot path, and it
+needs to know when the client leaves). The upstream's chunks go out as they come, through a
+``Filter`` (the passthrough, which only taps the events it learns from, or the chat
+translation). When the client goes away the upstream response is closed at once, so nothing
+keeps running or holding a connection for nobody. When the upstream fails after bytes were
+sent, the stream ends with an event saying so (``Filter.failed``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+import aiohttp
+import msgspec
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
+
+from service.proxy.relay import Answer
+from service.proxy.sse import EventTap
+
+log = logging.getLogger(__name__)
+
+# Ends a Responses stream the upstream broke off (the Codex CLI reads it as a failed turn).
+TERMINAL_EVENTS = ("response.completed", "response.failed", "response.incomplete")
+LEARNED_EVENTS = ("codex.rate_limits", *TERMINAL_EVENTS)
+
+
+class Filter(Protocol):
+    def chunk(self, data: bytes) -> bytes:
+        """What the client gets for this upstream chunk."""
+
+    def end(self) -> bytes:
+        """What the client gets after the upstream's last chunk."""
+
+    def failed(self, reason: str) -> bytes:
+        """What the client gets when the upstream breaks off after bytes were sent."""
+
+
+class Passthrough:
+    """The upstream's bytes unchanged; the events we learn from are read on the side."""
+
+    def __init__(self, on_event: Callable[[str, bytes], None], *, sse: bool):
+        self.tap = EventTap(LEARNED_EVENTS) if sse else None
+        self.on_event = on_event
+        self.finished = not sse  # a JSON body has no terminal event to wait for
+
+    def chunk(self, data: bytes) -> bytes:
+        if self.tap is not None:
+            for name, body in self.tap.feed(data):
+                if name in TERMINAL_EVENTS:
+                    self.finished = True
+                self.on_event(name, body)
+        return data
+
+    def end(self) -> bytes:
+        return b"" if self.finished else self.failed("the upstream ended the stream early")
+
+    def failed(self, reason: str) -> bytes:
+        if self.finished:
+            return b""
+        self.finished = True
+        event = {
+            "type": "response.failed",
+            "response": {
+                "status": "failed",
+                "error": {"code": "upstream_error", "message": reason},
+            },
+        }
+        return b"event: response.failed\ndata: " + msgspec.json.encode(event) + b"\n\n"
+
+
+async def _client_gone(receive: Receive, upstream: aiohttp.ClientResponse) -> None:
+    """Wait for the client to leave, then close the upstream answer (which ends the read)."""
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            upstream.close()
+            return
+
+
+class Streamed(Response):
+    """An ASGI response streaming ``answer`` through ``filter``."""
+
+    def __init__(
+        self,
+        answer: Answer,
+        headers: list[tuple[bytes, bytes]],
+        filter: Filter,
+        *,
+        on_close: Callable[[], None] | None = None,
+    ):
+        # Not Response.__init__: there is no body to render; only what a route's caller reads.
+        self.status_code = answer.response.status
+        self.background = None
+        self.answer = answer
+        self.header_list = headers
+        self.filter = filter
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        upstream = self.answer.response
+        watcher = asyncio.create_task(_client_gone(receive, upstream))
+        complete = False
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": upstream.status,
+                    "headers": self.header_list,
+                }
+            )
+            tail = await self._pump(upstream, send)
+            if not watcher.done():
+                await send({"type": "http.response.body", "body": tail, "more_body": False})
+                complete = upstream.content.at_eof()
+        except OSError:
+            pass  # the client went away while we wrote to it
+        finally:
+            watcher.cancel()
+            # A connection whose answer was read to the end goes back to the pool; any other
+            # is closed, so no half-read answer is left for the next request to find.
+            if complete:
+                self.answer.release()
+            else:
+                upstream.close()
+            if self.on_close is not None:
+                self.on_close()
+
+    async def _pump(self, upstream: aiohttp.ClientResponse, send: Send) -> bytes:
+        """Copy the upstream's chunks; the bytes to end with."""
+        try:
+            async for data in upstream.content.iter_any():
+                out = self.filter.chunk(data)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            reason = (
+                "the upstream went silent"
+                if isinstance(exc, TimeoutError)
+                else "the upstream connection broke"
+            )
+            return self.filter.failed(reason)
+        return self.filter.end()

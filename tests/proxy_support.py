@@ -1,0 +1,77 @@
+"""Helpers for proxy tests: a pool of accounts on the fake upstream, settings changes, and
+reading which account served what."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tests.fake_upstream import FakeUpstream
+
+IMPORT = "/api/accounts/import"
+RESPONSES = "/backend-api/codex/responses"
+
+
+def body(text: str = "hi", **extra: Any) -> dict[str, Any]:
+    """A Responses request like the Codex CLI's (fields the proxy must pass on untouched)."""
+    return {
+        "model": "gpt-5.1-codex",
+        "instructions": "be brief",
+        "input": [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+        ],
+        "tools": [],
+        "stream": True,
+        "store": False,
+        **extra,
+    }
+
+
+def import_files(fake: FakeUpstream, names: list[str]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [
+        (
+            "auth_json",
+            (
+                f"{name}.json",
+                json.dumps(fake.auth_json(name, email=f"{name}@example.com", tag=name)).encode(),
+                "application/json",
+            ),
+        )
+        for name in names
+    ]
+
+
+def ids_by_name(reply: dict[str, Any]) -> dict[str, str]:
+    """chatgpt account id -> our account id, from an import's reply."""
+    return {r["account"]["chatgpt_account_id"]: r["account"]["id"] for r in reply["results"]}
+
+
+def answered_by(text: str) -> str:
+    """The fake's default answer names its account: ``Hello from <id>.``"""
+    marker = "Hello from "
+    start = text.index(marker) + len(marker)
+    return text[start:].split(".")[0].split()[0]
+
+
+def sse_text(raw: bytes) -> str:
+    """The output text of a Responses SSE stream."""
+    out = []
+    for block in raw.split(b"\n\n"):
+        for line in block.split(b"\n"):
+            if line.startswith(b"data: "):
+                try:
+                    data = json.loads(line[6:])
+                except ValueError:
+                    continue
+                if data.get("type") == "response.output_text.delta":
+                    out.append(data["delta"])
+    return "".join(out)
+
+
+def event_names(raw: bytes) -> list[str]:
+    return [
+        line[7:].decode()
+        for block in raw.split(b"\n\n")
+        for line in block.split(b"\n")
+        if line.startswith(b"event: ")
+    ]

@@ -1,0 +1,413 @@
+"""The proxy routes in one process (the app in-process, the fake upstream as a real process on
+loopback): what is forwarded, what comes back, failover, cooldowns, usage learning, stickiness."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from service.config import Config
+from tests.conftest import AppHarness, make_config, setup_password
+from tests.fake_upstream import FakeUpstream, running_fake
+from tests.proxy_support import (
+    IMPORT,
+    RESPONSES,
+    answered_by,
+    body,
+    event_names,
+    ids_by_name,
+    import_files,
+    sse_text,
+)
+
+
+@pytest.fixture(scope="module")
+def fake_process() -> Iterator[FakeUpstream]:
+    with running_fake() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake(fake_process: FakeUpstream) -> FakeUpstream:
+    fake_process.reset()
+    return fake_process
+
+
+@pytest.fixture
+def proxy_config(
+    redis_url: str, prefix: str, tmp_path: Path, raw_redis: redis.Redis, fake: FakeUpstream
+) -> Config:
+    return make_config(
+        redis_url, prefix, tmp_path, upstream_base_url=fake.url, auth_base_url=fake.url
+    )
+
+
+class Pool:
+    """The app, logged in, with accounts imported; ``ids`` maps fake names to our ids."""
+
+    def __init__(self, h: AppHarness, fake: FakeUpstream):
+        self.h = h
+        self.client = h.client
+        self.fake = fake
+        self.ids: dict[str, str] = {}
+
+    async def add(self, *names: str) -> None:
+        r = await self.client.post(IMPORT, files=import_files(self.fake, list(names)))
+        assert r.status_code == 200, r.text
+        self.ids.update(ids_by_name(r.json()))
+        deadline = time.monotonic() + 3
+        while not set(self.ids.values()) <= set(self.h.parts.accounts.accounts):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+
+    async def settings(self, **changes: Any) -> None:
+        current = (await self.client.get("/api/settings")).json()
+        wanted = {
+            k: current[k] for k in ("sticky_threads_enabled", "prefer_earlier_reset_accounts")
+        }
+        wanted.update(changes)
+        r = await self.client.put("/api/settings", json=wanted)
+        assert r.status_code == 200, r.text
+        version = r.json()["version"]
+        deadline = time.monotonic() + 3
+        while (self.h.parts.settings.current or r).version < version:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+
+    def name_of(self, account_id: str) -> str:
+        return {v: k for k, v in self.ids.items()}[account_id]
+
+    async def ask(self, **extra: Any) -> tuple[httpx.Response, str]:
+        """One streamed Responses request; the response and the fake name that answered."""
+        headers = extra.pop("headers", {})
+        r = await self.client.post(RESPONSES, json=body(**extra), headers=headers)
+        assert r.status_code == 200, r.text
+        return r, answered_by(sse_text(r.content))
+
+
+@pytest.fixture
+async def pool(proxy_config: Config, fake: FakeUpstream) -> AsyncIterator[Pool]:
+    async with AppHarness(proxy_config) as h:
+        await setup_password(h.client)
+        yield Pool(h, fake)
+
+
+# --- what is forwarded and what comes back ----------------------------------------------------
+
+
+async def test_a_stream_passes_through_with_the_accounts_credentials_only(
+    pool: Pool, fake: FakeUpstream
+) -> None:
+    await pool.add("acct-a")
+    sent = json.dumps(
+        {**body(), "tools": [{"type": "brand_new_tool", "x": {"y": [1, 2]}}], "store": True},
+        separators=(",", ":"),
+    ).encode()
+    r = await pool.client.post(
+        RESPONSES,
+        content=sent,
+        headers={
+            "content-type": "application/json",
+            "authorization": "Bearer sk-client-secret",
+            "cookie": "dashboard_session=abc",
+            "session_id": "thread-1",
+            "originator": "codex_cli_rs",
+            "x-forwarded-for": "198.51.100.1",
+        },
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert event_names(r.content)[0] == "response.created"
+    assert event_names(r.content)[-1] == "response.completed"
+    assert answered_by(sse_text(r.content)) == "acct-a"
+    # The upstream's headers reach the client, its cookies never do.
+    for name in ("x-request-id", "x-codex-primary-used-percent", "x-codex-turn-state"):
+        assert name in r.headers, name
+    assert any(k.startswith("openai-") for k in r.headers)
+    assert "set-cookie" not in r.headers
+    (seen,) = fake.requests(path="/codex/responses")
+    headers = seen["headers"]
+    assert headers["chatgpt-account-id"] == "acct-a"
+    assert headers["authorization"].startswith("Bearer ")
+    assert "sk-client-secret" not in headers["authorization"]
+    assert "cookie" not in headers
+    assert "x-forwarded-for" not in headers
+    assert headers["session_id"] == "thread-1"
+    assert headers["originator"] == "codex_cli_rs"
+    # Byte for byte: the unknown tool and store=true reach the upstream as sent.
+    assert seen["body_sha256"] == hashlib.sha256(sent).hexdigest()
+
+
+async def test_json_when_not_streamed_and_the_other_forwarded_routes(
+    pool: Pool, fake: FakeUpstream
+) -> None:
+    await pool.add("acct-a")
+    r = await pool.client.post("/v1/responses", json=body(stream=False))
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json()["output"][0]["content"][0]["text"].startswith("Hello from acct-a")
+    for prefix in ("/backend-api/codex", "/v1"):
+        r = await pool.client.post(f"{prefix}/responses/compact", json={"model": "m", "input": []})
+        assert r.status_code == 200, r.text
+    assert len(fake.requests(path="/codex/responses/compact")) == 2
+    r = await pool.client.get("/backend-api/codex/models?client_version=1.2.3")
+    assert r.status_code == 200, r.text
+    assert "gpt-5.1-codex" in [m["slug"] for m in r.json()["models"]]
+    assert fake.requests(path="/codex/models")[0]["path"].endswith("client_version=1.2.3")
+    audio = bytes(range(256)) * 500
+    r = await pool.client.post(
+        "/backend-api/transcribe", files={"file": ("a.webm", audio, "audio/webm")}
+    )
+    assert r.status_code == 200, r.text
+    assert hashlib.sha256(audio).hexdigest() in r.text
+    r = await pool.client.get("/v1/models")
+    assert r.status_code == 200
+    assert r.json()["data"][0]["id"] == "gpt-5.1-codex"
+
+
+async def test_bad_input(pool: Pool) -> None:
+    await pool.add("acct-a")
+    r = await pool.client.post(
+        RESPONSES, content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_json")
+    r = await pool.client.post(RESPONSES, content=b"[1, 2]")
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_json")
+    r = await pool.client.post(RESPONSES, content=b"{" + b" " * (16 * 1024 * 1024) + b"}")
+    assert (r.status_code, r.json()["error"]["code"]) == (413, "payload_too_large")
+    r = await pool.client.post("/v1/chat/completions", json={"messages": []})
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    r = await pool.client.post("/backend-api/codex/nothing", json={})
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
+
+
+# --- failover, cooldowns and the pool's refusals ---------------------------------------------
+
+
+async def state_of(pool: Pool, name: str) -> dict[bytes, bytes]:
+    """The account's hot state as stored in Redis (once the learner wrote it)."""
+    parts = pool.h.parts
+    key = parts.conn.keys.account_state + pool.ids[name]
+    deadline = time.monotonic() + 3
+    while True:
+        stored: dict[bytes, bytes] = await parts.conn.client.hgetall(key)
+        if stored or time.monotonic() > deadline:
+            return stored
+        await asyncio.sleep(0.02)
+
+
+async def test_a_429_cools_the_account_until_its_reset_and_the_request_fails_over(
+    pool: Pool, fake: FakeUpstream
+) -> None:
+    await pool.add("acct-a", "acct-b")
+    await pool.settings(routing_strategy="round_robin", sticky_threads_enabled=False)
+    resets = int(time.time()) + 900
+    # The 429 body's resets_at is the first window's reset (the percent headers say nothing).
+    fake.configure("acct-a", fail=429, primary_reset_at=resets)
+    served = [(await pool.ask())[1] for _ in range(4)]
+    assert served == ["acct-b"] * 4
+    # One attempt on a, then never again: it cools down for every process, until the reset.
+    assert fake.stats()["accounts"]["acct-a"]["statuses"] == {"429": 1}
+    cooldown = json.loads((await state_of(pool, "acct-a"))[b"cooldown"])
+    assert cooldown["until"] == resets  # from the 429 body
+    accounts = (await pool.client.get("/api/accounts")).json()["accounts"]
+    assert {a["chatgpt_account_id"]: a["status"] for a in accounts}["acct-a"] == "rate_limited"
+
+
+async def test_5xx_and_dropped_connections_fail_over_and_back_off(
+    pool: Pool, fake: FakeUpstream
+) -> None:
+    await pool.add("acct-a", "acct-b", "acct-c")
+    fake.configure("acct-a", fail=503)
+    fake.configure("acct-b", fail="drop")
+    for _ in range(5):
+        _, name = await pool.ask()
+        assert name == "acct-c"
+    for name in ("acct-a", "acct-b"):
+        cooldown = json.loads((await state_of(pool, name))[b"cooldown"])
+        assert cooldown["failures"] == 1
+        assert cooldown["until"] > time.time()
+
+
+async def test_every_upstream_failing_is_502_and_every_account_limited_is_429(
+    pool: Pool, fake: FakeUpstream
+) -> None:
+    r = await pool.client.post(RESPONSES, json=body())
+    assert (r.status_code, r.json()["error"]["code"]) == (503, "no_accounts")
+    await pool.add("acct-a", "acct-b")
+    fake.configure("acct-a", fail=500)
+    fake.configure("acct-b", fail="drop")
+    r = await pool.client.post(RESPONSES, json=body())
+    assert (r.status_code, r.json()["error"]["code"]) == (502, "upstream_unavailable")
+    # Both cool down now: the next request is refused without an upstream attempt.
+    before = fake.stats()["total"]
+    r = await pool.client.post(RESPONSES, json=body())
+    assert r.status_code == 429
+    assert fake.stats()["total"] == before
+
+
+async def test_all_limited_is_429_usage_limit_reached_with_the_earliest_reset(
+    pool: Pool, fake: FakeUpstream
+) -> None:
+    await pool.add("acct-a", "acct-b")
+    now = int(time.time())
+    fake.configure("acct-a", fail=429, primary_used_percent=100, primary_reset_at=now + 600)
+    fake.configure("acct-b", fail=429, primary_used_percent=100, primary_reset_at=now + 300)
+    r = await pool.client.post(RESPONSES, json=body())
+    assert r.status_code == 429, r.text
+    error = r.json()["error"]
+    assert error["type"] == error["code"] == "usage_limit_reached"
+    assert abs(error["resets_at"] - (now + 300)) <= 2
+    assert int(r.headers["retry-after"]) > 200
+    # Known limited: answered at once, nothing sent upstream.
+    before = fake.stats()["total"]
+    r = await pool.client.post(RESPONSES, json=body())
+    assert r.status_code == 429
+    assert fake.stats()["total"] == before
+    assert abs(r.json()["error"]["resets_at"] - (now + 300)) <= 2
+
+
+async def test_a_stream_broken_after_bytes_were_sent_ends_with_response_failed(
+    pool: Pool, fake: FakeUpstream
+) -> None:
+    await pool.add("acct-a", "acct-b")
+    fake.configure("acct-a", fail="mid_stream")
+    fake.configure("acct-b", fail="mid_stream")
+    r = await pool.client.post(RESPONSES, json=body())
+    assert r.status_code == 200
+    names = event_names(r.content)
+    assert names[0] == "response.created"
+    assert names[-1] == "response.failed"
+    assert "response.completed" not in names
+    assert fake.stats()["total"] == 1  # no retry once bytes reached the client
+
+
+async def test_a_401_refreshes_the_token_once_and_retries(pool: Pool, fake: FakeUpstream) -> None:
+    await pool.add("acct-a")
+    first = fake.requests(path="/codex/responses")
+    await pool.ask()
+    token = fake.requests(path="/codex/responses")[len(first)]["headers"]["authorization"][7:]
+    fake.revoke(token)
+    _, name = await pool.ask()
+    assert name == "acct-a"
+    tokens = [r["headers"]["authorization"][7:] for r in fake.requests(path="/codex/responses")]
+    assert tokens[-2] == token
+    assert tokens[-1] != token
+    assert len(fake.requests(path="/oauth/token")) == 1
+
+
+# --- usage learning ---------------------------------------------------------------------------
+
+
+async def test_usage_headers_and_events_are_learned_for_every_process(
+    pool: Pool, fake: FakeUpstream
+) -> None:
+    await pool.add("acct-a", "acct-b")
+    fake.configure("acct-a", primary_used_percent=42, secondary_used_percent=7)
+    fake.configure("acct-b", single_window=True, secondary_used_percent=64)
+    await pool.settings(routing_strategy="round_robin", sticky_threads_enabled=False)
+    for _ in range(2):
+        await pool.ask()
+    usage = json.loads((await state_of(pool, "acct-a"))[b"usage"])
+    assert (usage["primary_used_percent"], usage["secondary_used_percent"]) == (42, 7)
+    assert usage["primary_window_seconds"] == 18000
+    lone = json.loads((await state_of(pool, "acct-b"))[b"usage"])
+    # A weekly window sent as "primary" is the weekly one.
+    assert lone["primary_used_percent"] is None
+    assert lone["secondary_used_percent"] == 64
+    # A codex.rate_limits event in the stream counts too (the headers said less).
+    fake.configure("acct-a", rate_limits_event=True, primary_used_percent=43)
+    fake.configure("acct-b", fail=503)
+    await pool.ask()
+    deadline = time.monotonic() + 3
+    while json.loads((await state_of(pool, "acct-a"))[b"usage"])["primary_used_percent"] != 43:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+
+
+async def test_a_full_window_takes_the_account_out_at_once_and_its_reset_brings_it_back(
+    pool: Pool, fake: FakeUpstream
+) -> None:
+    await pool.add("acct-a", "acct-b")
+    await pool.settings(routing_strategy="round_robin", sticky_threads_enabled=False)
+    soon = int(time.time()) + 2
+    fake.configure("acct-a", primary_used_percent=100, primary_reset_at=soon)
+    names = [(await pool.ask())[1] for _ in range(6)]
+    # a answered once (saying 100 %), then b alone until a's window resets.
+    assert names.count("acct-a") == 1
+    assert names[names.index("acct-a") + 1 :] == ["acct-b"] * (5 - names.index("acct-a"))
+    fake.configure("acct-a", primary_used_percent=0, primary_reset_at=None)
+    while time.time() < soon + 0.1:
+        await asyncio.sleep(0.05)
+    names = [(await pool.ask())[1] for _ in range(4)]
+    assert "acct-a" in names
+
+
+# --- stickiness -------------------------------------------------------------------------------
+
+
+async def test_sticky_threads_keep_their_account_and_limited_pins_are_kept(
+    pool: Pool, fake: FakeUpstream
+) -> None:
+    await pool.add("acct-a", "acct-b", "acct-c")
+    await pool.settings(routing_strategy="round_robin", sticky_threads_enabled=True)
+    first = {t: (await pool.ask(headers={"session_id": t}))[1] for t in ("t1", "t2", "t3")}
+    for _ in range(3):
+        for t, name in first.items():
+            assert (await pool.ask(headers={"session_id": t}))[1] == name
+    # prompt_cache_key is a thread id too (no header).
+    keyed = (await pool.ask(prompt_cache_key="pk-1"))[1]
+    for _ in range(3):
+        assert (await pool.ask(prompt_cache_key="pk-1"))[1] == keyed
+    # A rate-limited pin is skipped, not moved: the thread comes back when it recovers.
+    pinned = first["t1"]
+    fake.configure(pinned, fail=429, fail_times=1)
+    elsewhere = (await pool.ask(headers={"session_id": "t1"}))[1]
+    assert elsewhere != pinned
+    account_id = pool.ids[pinned]
+    stored = await pool.h.parts.routing.pinned("t1")
+    assert stored == account_id
+    # Recovered (the cooldown ends): back on its account.
+    from service.accounts.domain import Cooldown, HotState
+
+    pool.h.parts.account_states.observe(
+        account_id, HotState(cooldown=Cooldown(until=None, failures=0), cooldown_at=time.time())
+    )
+    assert (await pool.ask(headers={"session_id": "t1"}))[1] == pinned
+
+
+async def test_a_paused_or_deleted_pin_moves_and_sticky_off_routes_afresh(
+    pool: Pool, fake: FakeUpstream
+) -> None:
+    await pool.add("acct-a", "acct-b")
+    await pool.settings(routing_strategy="round_robin", sticky_threads_enabled=True)
+    pinned = (await pool.ask(headers={"session_id": "t"}))[1]
+    other = ({"acct-a", "acct-b"} - {pinned}).pop()
+    r = await pool.client.post(f"/api/accounts/{pool.ids[pinned]}/pause")
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 3
+    while pool.h.parts.accounts.accounts[pool.ids[pinned]].status != "paused":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    assert (await pool.ask(headers={"session_id": "t"}))[1] == other
+    deadline = time.monotonic() + 3
+    while await pool.h.parts.routing.pinned("t") != pool.ids[other]:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    await pool.client.post(f"/api/accounts/{pool.ids[pinned]}/resume")
+    for _ in range(4):
+        assert (await pool.ask(headers={"session_id": "t"}))[1] == other
+    # Off: every request is routed afresh (round robin alternates).
+    await pool.settings(sticky_threads_enabled=False)
+    names = {(await pool.ask(headers={"session_id": "t"}))[1] for _ in range(4)}
+    assert names == {"acct-a", "acct-b"}
