@@ -411,3 +411,122 @@ async def test_a_paused_or_deleted_pin_moves_and_sticky_off_routes_afresh(
     await pool.settings(sticky_threads_enabled=False)
     names = {(await pool.ask(headers={"session_id": "t"}))[1] for _ in range(4)}
     assert names == {"acct-a", "acct-b"}
+
+
+# --- a client that leaves mid-stream ----------------------------------------------------------
+
+
+async def test_a_client_leaving_mid_stream_cancels_the_upstream_and_leaves_nothing_behind(
+    proxy_config: Config, fake: FakeUpstream
+) -> None:
+    import uvicorn
+
+    from service.app import create_app
+    from tests.support import free_port
+
+    app = create_app(proxy_config)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base, timeout=10) as admin:
+            while not server.started:
+                await asyncio.sleep(0.02)
+            await setup_password(admin)
+            parts = app.state.parts
+            r = await admin.post(IMPORT, files=import_files(fake, ["acct-a"]))
+            assert r.status_code == 200, r.text
+            while not parts.accounts.accounts:
+                await asyncio.sleep(0.01)
+        fake.configure("acct-a", deltas=40, delta_delay=0.25)  # a 10 s stream
+        baseline = len(asyncio.all_tasks())
+        payload = json.dumps(body()).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST " + RESPONSES.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: "
+            + str(len(payload)).encode()
+            + b"\r\n\r\n"
+            + payload
+        )
+        await writer.drain()
+        head = await reader.readuntil(b"response.created")
+        assert b" 200 " in head.split(b"\r\n")[0]
+        left = time.monotonic()
+        writer.transport.abort()  # the client is gone, mid-stream
+        deadline = time.monotonic() + 3
+        while fake.stats()["accounts"]["acct-a"]["aborted"] < 1:
+            assert time.monotonic() < deadline, "the upstream stream was not cancelled"
+            await asyncio.sleep(0.05)
+        assert time.monotonic() - left < 2  # not left to run its 10 s
+        connector = parts.relay.session.connector
+        while len(asyncio.all_tasks()) > baseline or connector._acquired:
+            assert time.monotonic() < deadline, (asyncio.all_tasks(), connector._acquired)
+            await asyncio.sleep(0.05)
+    finally:
+        server.should_exit = True
+        await serving
+
+
+# --- timeouts and accounts that cannot serve ----------------------------------------------------
+
+
+@pytest.fixture
+def short_idle(monkeypatch: pytest.MonkeyPatch) -> float:
+    """The upstream idle timeout cut from 300 s to 0.6 s (read when the session is made)."""
+    from service.proxy import upstream
+
+    monkeypatch.setattr(upstream, "IDLE_SECONDS", 0.6)
+    return 0.6
+
+
+async def test_streams_have_an_idle_timeout_and_no_total_one(
+    short_idle: float, pool: Pool, fake: FakeUpstream
+) -> None:
+    await pool.add("acct-a")
+    # 2 s in all, never silent for long: it completes.
+    fake.configure("acct-a", deltas=10, delta_delay=0.2)
+    r = await pool.client.post(RESPONSES, json=body())
+    assert event_names(r.content)[-1] == "response.completed"
+    # Silent for longer than the idle timeout after the first bytes: it fails, saying so.
+    fake.configure("acct-a", deltas=3, delta_delay=1.5)
+    r = await pool.client.post(RESPONSES, json=body())
+    assert event_names(r.content)[-1] == "response.failed"
+    assert b"silent" in r.content
+
+
+async def test_an_account_whose_tokens_are_dead_gets_no_more_traffic(
+    pool: Pool, fake: FakeUpstream
+) -> None:
+    await pool.add("acct-a", "acct-b")
+    await pool.settings(routing_strategy="round_robin", sticky_threads_enabled=False)
+    for _ in range(2):
+        await pool.ask()
+    dead = fake.requests(path="/codex/responses")
+    access = {r["account_id"]: r["headers"]["authorization"][7:] for r in dead}
+    fake.revoke(access["acct-a"])
+    # Its refresh token refused too: the account needs re-import.
+    from service.accounts.tokens import open_tokens
+
+    account = pool.h.parts.accounts.accounts[pool.ids["acct-a"]]
+    fake.revoke(open_tokens(pool.h.parts.box, account.sealed_tokens).refresh_token)
+    names = [(await pool.ask())[1] for _ in range(6)]
+    assert names == ["acct-b"] * 6
+    assert len(fake.requests(path="/oauth/token")) == 1  # tried once, refused
+    deadline = time.monotonic() + 3
+    while pool.h.parts.accounts.accounts[pool.ids["acct-a"]].status != "reauth_required":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    before = fake.stats()["accounts"]["acct-a"]["requests"]
+    names = [(await pool.ask())[1] for _ in range(6)]
+    assert names == ["acct-b"] * 6
+    assert fake.stats()["accounts"]["acct-a"]["requests"] == before
+    # With b dead too, the pool has nobody: 503 no_accounts, not an upstream failure.
+    account = pool.h.parts.accounts.accounts[pool.ids["acct-b"]]
+    fake.revoke(access["acct-b"])
+    fake.revoke(open_tokens(pool.h.parts.box, account.sealed_tokens).refresh_token)
+    r = await pool.client.post(RESPONSES, json=body())
+    assert (r.status_code, r.json()["error"]["code"]) == (503, "no_accounts")

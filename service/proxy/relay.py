@@ -147,7 +147,17 @@ class Relay:
                 failed.add(choice.account_id)
                 continue
             failed.add(account.id)
-            response = await self._send(account, out)
+            try:
+                response = await self._send(account, out)
+            except ReauthRequired as exc:
+                # Marked for re-import by the token manager: it leaves the pool by itself.
+                log.warning("account %s skipped: %s", account.id, exc)
+                continue
+            except RefreshFailed as exc:
+                # The auth server is not answering: try this account again later.
+                log.warning("account %s skipped: %s", account.id, exc)
+                self.learner.failed(account.id, time.time(), None)
+                continue
             now = time.time()
             if response is None:
                 broken += 1
@@ -183,19 +193,16 @@ class Relay:
 
     async def _send(self, account: AccountState, out: Outgoing) -> aiohttp.ClientResponse | None:
         """The upstream's answer on ``account`` (a 401 refreshes the token and tries once more),
-        or None when it could not be reached or the account's tokens cannot be had."""
-        try:
-            version, tokens = await self._tokens(account)
+        or None when it could not be reached. Raises ``ReauthRequired`` or ``RefreshFailed``
+        when the account's tokens cannot be had."""
+        version, tokens = await self._tokens(account)
+        response = await self._request(account, tokens, out)
+        if response is not None and response.status == 401:
+            response.release()
+            tokens = await self.tokens.refresh(account.id, version)
+            self._opened[account.id] = (account.tokens_version, tokens)
             response = await self._request(account, tokens, out)
-            if response is not None and response.status == 401:
-                response.release()
-                tokens = await self.tokens.refresh(account.id, version)
-                self._opened[account.id] = (account.tokens_version, tokens)
-                response = await self._request(account, tokens, out)
-            return response
-        except (ReauthRequired, RefreshFailed) as exc:
-            log.warning("account %s skipped: %s", account.id, exc)
-            return None
+        return response
 
     async def _tokens(self, account: AccountState) -> tuple[int, Tokens]:
         opened = self._opened.get(account.id)
