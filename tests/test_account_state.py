@@ -98,7 +98,7 @@ async def test_an_older_observation_never_overwrites_a_newer_one(
     assert written == 1
     stored = raw_redis.hgetall(f"{prefix}account_state:{account_id}")
     assert json.loads(stored[b"usage"])["primary_used_percent"] == 80
-    assert json.loads(stored[b"cooldown"]) == {"until": now + 60, "failures": 2}
+    assert json.loads(stored[b"cooldown"]) == {"until": now + 60, "failures": 2, "limited": False}
     # A repeat (the client's retry after a lost reply) changes nothing.
     assert await hot.learn(account_id, usage=(now, usage(80, at=now))) == 0
     await eventually(lambda: harness.parts.account_states.get(account_id).cooldown.failures == 2)

@@ -135,7 +135,14 @@ def test_the_pool_is_valid_until_the_first_time_based_change() -> None:
     pool = Pool.build([cooling, resetting], NOW)
     assert pool.valid_until == NOW + 30
     assert pool.recovers_at() is None  # b can serve
-    limited = Pool.build([cooling, Candidate("c", "quota_exceeded", available_at=NOW + 99)], NOW)
+    weekly = Candidate("c", "quota_exceeded", available_at=NOW + 99, usage_limited=True)
+    limited = Pool.build([cooling, weekly], NOW)
+    # a cools down after failures: not the pool's usage limit, it will be back in seconds.
+    assert not limited.all_limited()
+    assert limited.recovers_at() is None
+    stated = Candidate("a", "rate_limited", available_at=NOW + 30, usage_limited=True)
+    limited = Pool.build([stated, weekly, Candidate("p", "paused")], NOW)
+    assert limited.all_limited()
     assert limited.recovers_at() == NOW + 30
     assert Pool.build([Candidate("p", "paused")], NOW).recovers_at() is None
 

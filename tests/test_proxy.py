@@ -249,10 +249,11 @@ async def test_every_upstream_failing_is_502_and_every_account_limited_is_429(
     fake.configure("acct-b", fail="drop")
     r = await pool.client.post(RESPONSES, json=body())
     assert (r.status_code, r.json()["error"]["code"]) == (502, "upstream_unavailable")
-    # Both cool down now: the next request is refused without an upstream attempt.
+    # Both cool down now (failures, not limits): the next request is refused at once with a
+    # 503 the clients retry, not the "usage limit" 429.
     before = fake.stats()["total"]
     r = await pool.client.post(RESPONSES, json=body())
-    assert r.status_code == 429
+    assert (r.status_code, r.json()["error"]["code"]) == (503, "no_accounts")
     assert fake.stats()["total"] == before
 
 

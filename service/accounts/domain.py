@@ -95,6 +95,9 @@ class Usage(msgspec.Struct, kw_only=True, frozen=True):
 class Cooldown(msgspec.Struct, kw_only=True, frozen=True):
     until: float | None = None
     failures: int = 0
+    # The upstream said the usage limit is reached (a 429), rather than failing (5xx, no
+    # answer): a pool held back only by failures is "no account", not "usage limit".
+    limited: bool = False
 
 
 class HotState(msgspec.Struct, kw_only=True, frozen=True):

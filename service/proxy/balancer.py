@@ -56,6 +56,8 @@ class Candidate:
     secondary: Window = Window()
     # For a limited account: when it is expected to serve again (epoch seconds), if known.
     available_at: float | None = None
+    # Held back by its usage limit (a full window, a 429), not by failures alone.
+    usage_limited: bool = False
     # The next instant at which this candidate's status or weight changes by the clock alone.
     changes_at: float = math.inf
 
@@ -148,17 +150,19 @@ class Pool:
             candidates=tuple(candidates),
         )
 
-    def recovers_at(self) -> float | None:
-        """When the earliest limited account serves again, if every serving account is limited
-        (the pool's 429 says it); None when some account could serve or none is merely limited."""
-        limited = [c for c in self.candidates if c.status in LIMITED]
-        if not limited or self.eligible.members:
-            return None
-        known = [c.available_at for c in limited if c.available_at is not None]
-        return min(known) if known else None
+    def all_limited(self) -> bool:
+        """No account may serve, and every one the operator lets serve is held back by its
+        usage limit (the pool's 429). An account only cooling down after failures makes it
+        "no account" instead: it will be back in seconds, and clients retry a 503."""
+        held = [c for c in self.candidates if c.status in LIMITED]
+        return bool(held) and not self.eligible.members and all(c.usage_limited for c in held)
 
-    def any_limited(self) -> bool:
-        return any(c.status in LIMITED for c in self.candidates)
+    def recovers_at(self) -> float | None:
+        """When the earliest limited account serves again, if ``all_limited`` and it is known."""
+        if not self.all_limited():
+            return None
+        known = [c.available_at for c in self.candidates if c.available_at is not None]
+        return min(known) if known else None
 
 
 def _earliest_bucket(eligible: list[Candidate], now: float) -> list[Candidate]:

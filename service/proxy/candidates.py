@@ -42,6 +42,20 @@ def _available_at(state: str, hot: HotState, now: float) -> float | None:
     return max(times) if times else None
 
 
+def _usage_limited(state: str, hot: HotState, now: float) -> bool:
+    """Held back by its usage: a full window or a limit the upstream stated (not failures)."""
+    if state == "quota_exceeded":
+        return True
+    if state != "rate_limited":
+        return False
+    usage, cooldown = hot.usage, hot.cooldown
+    reset = usage.primary_reset_at
+    window_open = reset is None or reset > now
+    window = window_open and (usage.limit_reached or _full(usage.primary_used_percent))
+    stated = cooldown.limited and cooldown.until is not None and cooldown.until > now
+    return window or stated
+
+
 def _full(percent: float | None) -> bool:
     return percent is not None and percent >= 100
 
@@ -61,6 +75,7 @@ def candidate(account: AccountState, hot: HotState, now: float) -> Candidate:
         primary,
         secondary,
         available_at=_available_at(state, hot, now),
+        usage_limited=_usage_limited(state, hot, now),
         changes_at=_changes_at(hot, now),
     )
 

@@ -74,12 +74,15 @@ class Learner:
         self.states.observe(account_id, HotState(usage=usage, usage_at=at))
         self._queue(account_id).usage = (at, usage)
 
-    def failed(self, account_id: str, at: float, resets_at: float | None) -> Cooldown:
-        """The account failed a request: it cools down until ``resets_at`` when the upstream
-        said, else for a backoff that doubles with each failure in a row."""
+    def failed(
+        self, account_id: str, at: float, resets_at: float | None, *, limited: bool = False
+    ) -> Cooldown:
+        """The account failed a request (``limited``: with a 429): it cools down until
+        ``resets_at`` when the upstream said, else for a backoff that doubles with each failure
+        in a row."""
         failures = self.states.get(account_id).cooldown.failures + 1
         until = resets_at if resets_at is not None and resets_at > at else at + backoff(failures)
-        cooldown = Cooldown(until=until, failures=failures)
+        cooldown = Cooldown(until=until, failures=failures, limited=limited)
         self._set_cooldown(account_id, cooldown, at)
         return cooldown
 

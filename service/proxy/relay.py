@@ -125,9 +125,10 @@ class Relay:
         return pick(pool, policy, pin, turn=turn, rand=random.random(), exclude=failed)
 
     def _refusal(self) -> ServiceError:
-        """Why no account could be picked: all limited (429, earliest reset) or none at all."""
+        """Why no account could be picked: every serving account held back by its usage
+        limit (429 with the earliest reset), or none at all (503, which clients retry)."""
         pool = self.view.current(time.time())
-        if pool.eligible.members or not pool.any_limited():
+        if not pool.all_limited():
             return NoAccounts()
         return UsageLimitReached(pool.recovers_at() or time.time() + UNKNOWN_RESET_SECONDS)
 
@@ -169,8 +170,9 @@ class Relay:
                 if response.status == 429:
                     resets_at = ratelimits.limit_resets_at(await _read_quietly(response), now)
                 response.release()
-                cooldown = self.learner.failed(account.id, now, resets_at)
-                if response.status == 429:
+                limited = response.status == 429
+                cooldown = self.learner.failed(account.id, now, resets_at, limited=limited)
+                if limited:
                     limits.append(cooldown.until or now + UNKNOWN_RESET_SECONDS)
                 else:
                     broken += 1
