@@ -53,6 +53,7 @@ from service.proxy.gate import Admission, ApiKeyGate
 from service.proxy.learning import Learner
 from service.proxy.relay import Relay
 from service.proxy.routing_state import RoutingState
+from service.proxy.units import UnitSteps
 from service.settings import routes as settings_routes
 from service.settings.live import LiveSettings
 from service.settings.store import SettingsStore
@@ -127,11 +128,12 @@ def wire(config: Config, redis_url: str) -> Parts:
     tokens = TokenManager(leases, account_store, box, http, config.auth_base_url)
     account_states = LiveAccountStates(hot_store)
     routing = RoutingState(conn)
-    learner = Learner(account_states, hot_store)
+    steps = UnitSteps()
+    learner = Learner(account_states, hot_store, steps)
     relay = Relay(
         config.upstream_base_url,
         accounts,
-        PoolView(accounts, account_states),
+        PoolView(accounts, account_states, steps),
         settings,
         routing,
         learner,

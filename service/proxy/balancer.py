@@ -58,6 +58,8 @@ class Candidate:
     available_at: float | None = None
     # Held back by its usage limit (a full window, a 429), not by failures alone.
     usage_limited: bool = False
+    # Requests its windows can still take, when the answers have told (``proxy.units``).
+    remaining_units: int | None = None
     # The next instant at which this candidate's status or weight changes by the clock alone.
     changes_at: float = math.inf
 
@@ -190,6 +192,13 @@ def pin_decides(
         return False
     pinned = pool.by_id.get(pin.account_id)
     return pinned is not None and pinned.eligible
+
+
+def saturated(pool: Pool, account_id: str, inflight: int) -> bool:
+    """The account already has as many requests on their way as it has units left: one more
+    would overshoot its window (the upstream would answer 429)."""
+    c = pool.by_id.get(account_id)
+    return c is not None and c.remaining_units is not None and inflight >= c.remaining_units
 
 
 def needs_turn(policy: Policy) -> bool:

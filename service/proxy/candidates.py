@@ -16,6 +16,7 @@ from service.accounts.domain import AccountState, HotState, Usage, status
 from service.accounts.hot import LiveAccountStates
 from service.accounts.live import LiveAccounts
 from service.proxy.balancer import Candidate, Pool, Window
+from service.proxy.units import UnitSteps
 
 
 def _windows(usage: Usage) -> tuple[Window, Window]:
@@ -66,9 +67,12 @@ def _changes_at(hot: HotState, now: float) -> float:
     return min((t for t in times if t is not None and t > now), default=math.inf)
 
 
-def candidate(account: AccountState, hot: HotState, now: float) -> Candidate:
+def candidate(
+    account: AccountState, hot: HotState, now: float, steps: UnitSteps | None = None
+) -> Candidate:
     primary, secondary = _windows(hot.usage)
     state = status(account, hot, now)
+    units = None if steps is None else steps.remaining(account.id, hot.usage, now)
     return Candidate(
         account.id,
         state,
@@ -76,29 +80,40 @@ def candidate(account: AccountState, hot: HotState, now: float) -> Candidate:
         secondary,
         available_at=_available_at(state, hot, now),
         usage_limited=_usage_limited(state, hot, now),
+        remaining_units=units,
         changes_at=_changes_at(hot, now),
     )
 
 
 def candidates(
-    accounts: Iterable[AccountState], states: LiveAccountStates, now: float
+    accounts: Iterable[AccountState],
+    states: LiveAccountStates,
+    now: float,
+    steps: UnitSteps | None = None,
 ) -> list[Candidate]:
-    return [candidate(account, states.get(account.id), now) for account in accounts]
+    return [candidate(account, states.get(account.id), now, steps) for account in accounts]
 
 
 class PoolView:
     """The prepared pool of this process, made again only when it may have changed."""
 
-    def __init__(self, accounts: LiveAccounts, states: LiveAccountStates):
+    def __init__(self, accounts: LiveAccounts, states: LiveAccountStates, steps: UnitSteps):
         self.accounts = accounts
         self.states = states
+        self.steps = steps
         self._pool: Pool | None = None
         self._made_from: tuple[object, ...] = ()
 
     def current(self, now: float) -> Pool:
-        made_from = (self.accounts.epoch, self.accounts.version, self.states.generation)
+        made_from = (
+            self.accounts.epoch,
+            self.accounts.version,
+            self.states.generation,
+            self.steps.generation,
+        )
         pool = self._pool
         if pool is None or made_from != self._made_from or now >= pool.valid_until:
-            pool = Pool.build(candidates(self.accounts.accounts.values(), self.states, now), now)
+            made = candidates(self.accounts.accounts.values(), self.states, now, self.steps)
+            pool = Pool.build(made, now)
             self._pool, self._made_from = pool, made_from
         return pool

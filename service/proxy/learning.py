@@ -15,9 +15,12 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+import msgspec
+
 from service.accounts.domain import Cooldown, HotState, Usage
 from service.accounts.hot import HotStore, LiveAccountStates
 from service.core.errors import ServiceError
+from service.proxy.units import UnitSteps, same_window
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +59,30 @@ def _same(a: Usage, b: Usage) -> bool:
     return key(a) == key(b)
 
 
+def _no_going_back(known: Usage, new: Usage) -> Usage:
+    """Within one window use only grows: answers to concurrent requests arrive out of order,
+    and the one that left first (saying less) must not undo what a later one said."""
+    primary, secondary = new.primary_used_percent, new.secondary_used_percent
+    if same_window(known.primary_reset_at, new.primary_reset_at):
+        primary = _higher(known.primary_used_percent, primary)
+    if same_window(known.secondary_reset_at, new.secondary_reset_at):
+        secondary = _higher(known.secondary_used_percent, secondary)
+    if (primary, secondary) == (new.primary_used_percent, new.secondary_used_percent):
+        return new
+    return msgspec.structs.replace(
+        new, primary_used_percent=primary, secondary_used_percent=secondary
+    )
+
+
+def _higher(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
 class Learner:
-    def __init__(self, states: LiveAccountStates, store: HotStore):
+    def __init__(self, states: LiveAccountStates, store: HotStore, steps: UnitSteps):
         self.states = states
         self.store = store
+        self.steps = steps
         self._pending: dict[str, _Pending] = {}
         self._wake = asyncio.Event()
 
@@ -69,8 +92,11 @@ class Learner:
 
     def usage(self, account_id: str, usage: Usage, at: float) -> None:
         known = self.states.get(account_id)
-        if known.usage_at and _same(known.usage, usage):
-            return
+        if known.usage_at:
+            usage = _no_going_back(known.usage, usage)
+            if _same(known.usage, usage):
+                return
+        self.steps.observe(account_id, known.usage if known.usage_at else None, usage)
         self.states.observe(account_id, HotState(usage=usage, usage_at=at))
         self._queue(account_id).usage = (at, usage)
 

@@ -29,7 +29,15 @@ from service.core.errors import (
 )
 from service.core.secret_box import SecretBox
 from service.proxy import ratelimits
-from service.proxy.balancer import Choice, Pin, Policy, needs_turn, pick, pin_decides
+from service.proxy.balancer import (
+    Choice,
+    Pin,
+    Policy,
+    needs_turn,
+    pick,
+    pin_decides,
+    saturated,
+)
 from service.proxy.candidates import PoolView
 from service.proxy.learning import Learner
 from service.proxy.routing_state import RoutingState
@@ -92,6 +100,9 @@ class Relay:
         self.learner = learner
         self.tokens = tokens
         self.box = box
+        # Requests sent to each account whose answer has not come back yet: they are spending
+        # its units, which its answers' headers do not count yet.
+        self.inflight: dict[str, int] = {}
         # Opened tokens by account, for the tokens version they were opened at: opening is a
         # decryption, not something to do on every request.
         self._opened: dict[str, tuple[int, Tokens]] = {}
@@ -122,7 +133,17 @@ class Relay:
         if needs_turn(policy) and not pin_decides(pool, policy, pin, failed):
             turn = await self.routing.next_turn()
             pool = self.view.current(time.time())  # the await may have let news in
-        return pick(pool, policy, pin, turn=turn, rand=random.random(), exclude=failed)
+        skip = failed
+        while True:
+            choice = pick(pool, policy, pin, turn=turn, rand=random.random(), exclude=skip)
+            if choice is None or not saturated(pool, choice.account_id, self._inflight(choice)):
+                return choice
+            # Its last units are already spoken for by requests on their way: another account
+            # (a pin is skipped, not moved, like a limited one).
+            skip = skip | {choice.account_id}
+
+    def _inflight(self, choice: Choice) -> int:
+        return self.inflight.get(choice.account_id, 0)
 
     def _refusal(self) -> ServiceError:
         """Why no account could be picked: every serving account held back by its usage
@@ -224,6 +245,7 @@ class Relay:
         headers = request_headers(out.headers, tokens.access_token, account.chatgpt_account_id)
         if self.session is None:
             raise NotReady("codex-lb is not ready to serve requests")
+        self.inflight[account.id] = self.inflight.get(account.id, 0) + 1
         try:
             return await self.session.request(
                 out.method, self.base + out.path, data=out.body or None, headers=headers
@@ -231,6 +253,12 @@ class Relay:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.warning("account %s: the upstream could not be reached (%s)", account.id, exc)
             return None
+        finally:
+            left = self.inflight[account.id] - 1
+            if left:
+                self.inflight[account.id] = left
+            else:
+                del self.inflight[account.id]
 
     def _learn_headers(self, account_id: str, response: aiohttp.ClientResponse, now: float) -> None:
         usage = ratelimits.from_headers(response.headers, now)

@@ -43,11 +43,17 @@ class RoutingState:
         self.ttl = ttl_seconds
         self._local_turns = itertools.count()
         self._writes: set[asyncio.Task[None]] = set()
+        # Pins written off the path and not yet confirmed, by key: the thread's next turn may
+        # come before the write lands, and must find its pin all the same.
+        self._unconfirmed: dict[str, str] = {}
 
     async def pinned(self, thread_id: str) -> str | None:
         """The account the thread is pinned to, sliding the pin's lifetime; None when unknown
         (or Redis is slow to say)."""
         key = self.keys.pin + thread_key(thread_id)
+        unconfirmed = self._unconfirmed.get(key)
+        if unconfirmed is not None:
+            return unconfirmed
         try:
             async with asyncio.timeout(LOOKUP_SECONDS):
                 value = await self.conn.call(lambda: self.client.getex(key, ex=self.ttl))
@@ -69,6 +75,7 @@ class RoutingState:
         """Pin the thread to the account, off the request's path. A new pin does not overwrite
         one another process wrote meanwhile (first turn wins); a moved pin does."""
         key = self.keys.pin + thread_key(thread_id)
+        self._unconfirmed[key] = account_id
 
         async def write() -> None:
             try:
@@ -77,6 +84,9 @@ class RoutingState:
                 )
             except _FAILURES as exc:
                 log.warning("thread pin write failed (%s)", type(exc).__name__)
+            finally:
+                if self._unconfirmed.get(key) == account_id:
+                    del self._unconfirmed[key]
 
         task = asyncio.create_task(write(), name="pin thread")
         self._writes.add(task)
