@@ -64,6 +64,7 @@ from bench.proxy_load import (
     new_session,
     rss_kb,
     serving_pid,
+    thin_passthrough,
 )
 from bench.proxy_report import Figures, RedisCase, report
 from tests.fake_upstream import FakeUpstream
@@ -227,6 +228,24 @@ async def _network(
     direct = Target(
         "direct", fake.url + "/codex/responses", lambda i: direct_headers[i % len(direct_headers)]
     )
+    with thin_passthrough(fake.url) as (thin_url, thin_pid):
+        watch["thin"] = thin_pid
+        thin = Target("thin", thin_url + RESPONSES, direct.headers)
+        return await _measure(args, c, token, fake, stats, figures, watch, (direct, proxy, thin))
+
+
+async def _measure(
+    args: argparse.Namespace,
+    c: Cluster,
+    token: str,
+    fake: FakeUpstream,
+    stats: redis.Redis,
+    figures: Figures,
+    watch: dict[str, int],
+    targets: tuple[Target, Target, Target],
+) -> Figures:
+    direct, proxy, thin = targets
+    serve = c.serves[0]
     async with new_session() as session:
         runner = Runner(session, figures, watch)
         await _until_served(runner, proxy)
@@ -237,9 +256,9 @@ async def _network(
         counted_from = figures.proxied
 
         for level in LEVELS:
-            got = {"direct": Load(), "proxy": Load()}
+            got = {"direct": Load(), "proxy": Load(), "thin": Load()}
             for _ in range(args.rounds):
-                for target in (direct, proxy):
+                for target in (direct, proxy, thin):
                     await runner.load(target, level, requests=4 * level + 20)
                     got[target.label].add(await runner.load(target, level, seconds=args.seconds))
             figures.levels[level] = got

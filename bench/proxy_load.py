@@ -210,6 +210,46 @@ def fake_upstream() -> Iterator[FakeUpstream]:
         shutil.rmtree(logdir, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def thin_passthrough(upstream: str) -> Iterator[tuple[str, int]]:
+    """``bench.thin_passthrough`` under uvicorn on a free loopback port: (base URL, pid)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.thin_passthrough:app",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "CODEX_LB_BENCH_UPSTREAM": upstream},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://{HOST}:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while True:
+            if proc.poll() is not None:
+                raise BenchError("the thin passthrough exited at start")
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.get(url + "/", timeout=1.0)
+                break
+            if time.monotonic() > deadline:
+                raise BenchError("the thin passthrough did not start")
+            time.sleep(0.05)
+        yield url, proc.pid
+    finally:
+        _stop(proc)
+
+
 # --- memory ----------------------------------------------------------------------------------
 
 

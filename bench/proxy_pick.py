@@ -87,7 +87,7 @@ def _picker(
 
     def one() -> object:
         turn, rand = next(draws)
-        return pick(pool, policy, None, turn=turn, rand=rand, exclude=exclude)
+        return pick(pool, policy, None, turn=turn, rand=lambda: rand, exclude=exclude)
 
     return one
 

@@ -22,6 +22,8 @@ TARGET_GROWTH_PERCENT = 10.0
 # redis-py's incr() sends INCRBY.
 ON_PATH = ("getex", "incrby", "incr")
 CPU_NAMES = ("worker", "fake", "redis", "client")
+# Also watched: the thin passthrough yardstick (its own process)
+WATCHED = (*CPU_NAMES, "thin")
 
 
 @dataclass
@@ -130,8 +132,25 @@ class Report:
                     f"{added:+.3f}",
                     check,
                 )
+                if "thin" in entry:
+                    thin = entry["thin"]
+                    entry[f"thin_added_p{p}"] = thin[f"p{p}"] - direct[f"p{p}"]
+                    self.row(
+                        f"  thin passthrough, TTFE p{p} c{level} ms",
+                        _ms(thin[f"p{p}"]),
+                        _ms(direct[f"p{p}"]),
+                        f"{entry[f'thin_added_p{p}']:+.3f}",
+                    )
             self.data["ttfe_ms"][f"c{level}"] = entry
             if level in (min(levels), max(levels)):
+                if "thin" in entry:
+                    thin_cpu = entry["thin"]["cpu_ms_per_request"].get("thin", math.nan)
+                    self.row(
+                        f"  thin passthrough CPU ms/req c{level}",
+                        f"{thin_cpu:.3f}",
+                        "",
+                        "the yardstick's own process",
+                    )
                 cpu = {t: entry[t]["cpu_ms_per_request"] for t in ("proxy", "direct")}
                 self.row(
                     f"CPU ms/req c{level}: {' / '.join(CPU_NAMES)}",
@@ -152,6 +171,17 @@ class Report:
             "direct_req_per_s": direct,
             "ratio": ratio,
         }
+        if "thin" in levels[top]:
+            thin = levels[top]["thin"].rate
+            self.data["throughput"].update(
+                thin_req_per_s=thin, thin_ratio=thin / direct, proxy_vs_thin=proxy / thin
+            )
+            self.row(
+                f"  thin passthrough req/s c{top}",
+                f"{thin:.0f}",
+                f"{direct:.0f}",
+                f"x{thin / direct:.3f} (codex-lb = x{proxy / thin:.2f} of it)",
+            )
         self.row(
             f"req/s c{top}, 5 deltas",
             f"{proxy:.0f}",
@@ -274,8 +304,8 @@ def _load(load: Load) -> dict[str, Any]:
         "max": max(load.ttfe_ms, default=math.nan),
         "req_per_s": load.rate,
         "errors": sum(load.errors.values()),
-        "cpu_ms_per_request": {n: load.cpu_ms_per_request(n) for n in CPU_NAMES},
-        "cpu_busy": {n: load.cpu.get(n, 0.0) / load.seconds for n in CPU_NAMES},
+        "cpu_ms_per_request": {n: load.cpu_ms_per_request(n) for n in WATCHED},
+        "cpu_busy": {n: load.cpu.get(n, 0.0) / load.seconds for n in WATCHED},
     }
 
 

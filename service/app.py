@@ -40,7 +40,7 @@ from service.auth.store import AuthStore
 from service.config import Config
 from service.core.connection import Connection, connect
 from service.core.control_client import make_client
-from service.core.endpoints import Endpoint, build_routes
+from service.core.endpoints import Endpoint, build_routes, lane_handlers
 from service.core.errors import MethodNotAllowed, NotFound, ServiceError, error_response
 from service.core.hub import Hub
 from service.core.leases import Leases
@@ -50,6 +50,7 @@ from service.ops import health, openapi
 from service.proxy import routes as proxy_routes
 from service.proxy.candidates import PoolView
 from service.proxy.gate import Admission, ApiKeyGate
+from service.proxy.lane import ProxyLane
 from service.proxy.learning import Learner
 from service.proxy.relay import Relay
 from service.proxy.routing_state import RoutingState
@@ -277,18 +278,18 @@ def create_app(config: Config) -> Starlette:
             await parts.conn.close()
 
     table = endpoints()
+    owners = routes_objects(parts, table)
+    admission = Admission(hub, parts.settings, parts.api_keys, config)
     app = Starlette(
-        routes=build_routes(table, routes_objects(parts, table)),
+        routes=build_routes(table, owners),
         middleware=[
+            Middleware(ProxyLane, handlers=lane_handlers(table, owners), admission=admission),
             Middleware(
                 DashboardGuard,
                 sessions=parts.sessions,
                 trusted_proxies=config.trusted_proxy_cidrs,
             ),
-            Middleware(
-                ApiKeyGate,
-                admission=Admission(hub, parts.settings, parts.api_keys, config),
-            ),
+            Middleware(ApiKeyGate, admission=admission),
         ],
         exception_handlers={
             ServiceError: _service_error,

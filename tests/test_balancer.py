@@ -3,7 +3,9 @@ account copies at one instant."""
 
 from __future__ import annotations
 
+import random
 import time
+from collections.abc import Callable
 
 from service.accounts.domain import AccountState, Cooldown, HotState, Usage
 from service.accounts.hot import HotStore, LiveAccountStates
@@ -17,6 +19,10 @@ RR = Policy("round_robin", prefer_earlier_reset_accounts=False, sticky_threads_e
 NOW = 1_800_000_000.0
 
 
+def const(value: float) -> Callable[[], float]:
+    return lambda: value
+
+
 def choose(
     cands: list[Candidate],
     policy: Policy,
@@ -26,7 +32,7 @@ def choose(
     rand: float = 0.0,
     exclude: frozenset[str] = frozenset(),
 ) -> Choice | None:
-    return pick(Pool.build(cands, NOW), policy, pin, turn=turn, rand=rand, exclude=exclude)
+    return pick(Pool.build(cands, NOW), policy, pin, turn=turn, rand=const(rand), exclude=exclude)
 
 
 def used(account_id: str, primary: float, secondary: float = 0.0, **kw: object) -> Candidate:
@@ -79,7 +85,7 @@ def test_usage_weighted_shares_follow_remaining_capacity() -> None:
     counts = {"a": 0, "b": 0, "c": 0}
     steps = 10_000
     for i in range(steps):
-        choice = pick(pool, LOOSE, None, turn=0, rand=(i + 0.5) / steps)
+        choice = pick(pool, LOOSE, None, turn=0, rand=const((i + 0.5) / steps))
         assert choice is not None
         counts[choice.account_id] += 1
     # Remaining: 90, 50 (the higher window counts), 10.
@@ -94,7 +100,7 @@ def test_an_exhausted_account_gets_nothing_and_a_reset_window_counts_as_fresh() 
     pool = Pool.build([full, Candidate("half", "active", Window(50, NOW + 60)), stale], NOW)
     seen = set()
     for i in range(100):
-        choice = pick(pool, LOOSE, None, turn=0, rand=i / 100)
+        choice = pick(pool, LOOSE, None, turn=0, rand=const(i / 100))
         assert choice is not None
         seen.add(choice.account_id)
     assert seen == {"half", "stale"}
@@ -104,7 +110,7 @@ def test_round_robin_takes_the_eligible_accounts_in_turn_by_id() -> None:
     pool = Pool.build([used("c", 99), used("a", 0), Candidate("x", "paused"), used("b", 50)], NOW)
     order = []
     for turn in range(6):
-        choice = pick(pool, RR, None, turn=turn, rand=0.0)
+        choice = pick(pool, RR, None, turn=turn, rand=const(0.0))
         assert choice is not None
         order.append(choice.account_id)
     assert order == ["a", "b", "c", "a", "b", "c"]
@@ -119,13 +125,15 @@ def test_prefer_earlier_reset_narrows_to_the_earliest_bucket_with_capacity() -> 
     spent = used("spent", 0, 100, weekly_reset=NOW + 60)  # earliest, but no capacity
     prefer = Policy("usage_weighted", True, False)
     pool = Pool.build([soon, same_day, later, spent], NOW)
-    picked = {pick(pool, prefer, None, turn=0, rand=i / 50).account_id for i in range(50)}  # type: ignore[union-attr]
+    picked = {pick(pool, prefer, None, turn=0, rand=const(i / 50)).account_id for i in range(50)}  # type: ignore[union-attr]
     assert picked == {"soon", "same-day"}
     # Off: reset times are ignored.
-    loose = {pick(pool, LOOSE, None, turn=0, rand=i / 50).account_id for i in range(50)}  # type: ignore[union-attr]
+    loose = {pick(pool, LOOSE, None, turn=0, rand=const(i / 50)).account_id for i in range(50)}  # type: ignore[union-attr]
     assert loose == {"soon", "same-day", "later"}
     # With the bucket failed on, the next bucket serves.
-    rest = pick(pool, prefer, None, turn=0, rand=0.0, exclude=frozenset({"soon", "same-day"}))
+    rest = pick(
+        pool, prefer, None, turn=0, rand=const(0.0), exclude=frozenset({"soon", "same-day"})
+    )
     assert rest == Choice("later", pinned=False, repin=True)
 
 
@@ -185,3 +193,18 @@ def test_candidates_read_both_copies_and_the_clock() -> None:
     later = {c.account_id: c.status for c in candidates(pool, states, now + 61)}
     assert later["full"] == "active"
     assert later["cooling"] == "active"
+
+
+def test_after_a_failover_the_other_accounts_keep_their_shares() -> None:
+    pool = Pool.build([used("a", 10), used("b", 50), used("c", 90)], NOW)
+    counts = {"b": 0, "c": 0}
+    steps = 6000
+    rng = random.Random(7)
+    for _ in range(steps):
+        choice = pick(pool, LOOSE, None, turn=0, rand=rng.random, exclude=frozenset("a"))
+        assert choice is not None
+        counts[choice.account_id] += 1
+    # b and c alone, 50 : 10.
+    assert abs(counts["b"] / steps - 50 / 60) < 0.02, counts
+    rr = [pick(pool, RR, None, turn=t, rand=const(0.0), exclude=frozenset("b")) for t in range(4)]
+    assert [c.account_id for c in rr if c] == ["a", "c", "c", "a"]

@@ -181,8 +181,13 @@ class LiveAccountStates:
     def observe(self, account_id: str, state: HotState) -> None:
         """Merge what this process just learned (or was told): it counts at once, here, before
         any write to Redis returns (the proxy learns from every response)."""
-        self.states[account_id] = self.get(account_id).merged(state)
-        self.generation += 1
+        before = self.get(account_id)
+        after = before.merged(state)
+        self.states[account_id] = after
+        # Only what routing reads counts as a change (a new last use does not), so a view made
+        # from the states is not made again for every answer's echo.
+        if (after.usage, after.cooldown) != (before.usage, before.cooldown):
+            self.generation += 1
 
     def _resync_one(self, account_id: str) -> None:
         """Read one account's state again (a message we could not read)."""

@@ -52,6 +52,9 @@ class Endpoint:
     # A body forwarded to the upstream as the client sent it, of this media type: documented as
     # an open document (the upstream judges it), capped in size; ``request`` stays None.
     passthrough: str | None = None
+    # Served on the proxy's fast lane (``proxy.lane``): straight from the outermost middleware
+    # to the handler, past the router and the dashboard's middleware (the streaming routes).
+    lane: bool = False
     # The handler reads or writes Redis, so an outage answers 503 ``store_unavailable``.
     store: bool = True
     # Answers with a body of their own rather than an error envelope (/health/ready's 503).
@@ -64,6 +67,14 @@ def bind(ep: Endpoint, owners: Iterable[object]) -> Handler:
         if vars(type(owner)).get(ep.handler.__name__) is ep.handler:
             return partial(ep.handler, owner)
     raise LookupError(f"no routes object serves {ep.method} {ep.path}")
+
+
+def lane_handlers(
+    endpoints: Iterable[Endpoint], owners: Iterable[object]
+) -> dict[tuple[str, str], Handler]:
+    """The fast-lane routes, by (method, path): exact paths only, no parameters."""
+    owners = list(owners)
+    return {(ep.method, ep.path): bind(ep, owners) for ep in endpoints if ep.lane}
 
 
 def build_routes(endpoints: Iterable[Endpoint], owners: Iterable[object]) -> list[Route]:

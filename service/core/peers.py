@@ -11,6 +11,7 @@ IPv4 everywhere.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 from starlette.requests import HTTPConnection
@@ -20,8 +21,10 @@ from service.config import Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+@functools.lru_cache(maxsize=4096)
 def parse(value: str) -> Address | None:
-    """``value`` as an address (``::ffff:a.b.c.d`` as ``a.b.c.d``), or None."""
+    """``value`` as an address (``::ffff:a.b.c.d`` as ``a.b.c.d``), or None. Cached: every
+    proxied request asks about the same few peers, and parsing is not free."""
     try:
         ip = ipaddress.ip_address(value.strip())
     except ValueError:

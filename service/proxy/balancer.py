@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 ACTIVE = "active"
@@ -26,6 +26,8 @@ ACTIVE = "active"
 LIMITED = frozenset({"rate_limited", "quota_exceeded"})
 # Weekly resets this close together count as one bucket for prefer_earlier_reset_accounts.
 RESET_BUCKET_SECONDS = 24 * 3600
+# After a failover: how often a pick draws again before preparing the remaining accounts.
+_REDRAWS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,14 +213,15 @@ def pick(
     pin: Pin | None,
     *,
     turn: int,
-    rand: float,
+    rand: Callable[[], float],
     exclude: frozenset[str] = frozenset(),
 ) -> Choice | None:
     """The account for the next request, or None when no account may serve.
 
     ``turn`` is the next round-robin turn (from a counter shared by every process, taken only
-    when ``needs_turn`` and not ``pin_decides``); ``rand`` is uniform in [0, 1); ``exclude``
-    holds the accounts this request already failed on.
+    when ``needs_turn`` and not ``pin_decides``); ``rand`` draws uniformly from [0, 1) (called
+    once per draw: the caller owns the randomness); ``exclude`` holds the accounts this request
+    already failed on.
     """
     repin = True
     if pin is not None and policy.sticky_threads_enabled:
@@ -228,6 +231,14 @@ def pick(
         # Limited, or failed on by this very request: skipped, but the pin stays put.
         repin = pinned is None or not (pinned.status in LIMITED or pinned.account_id in exclude)
     group = pool.earliest if policy.prefer_earlier_reset_accounts else pool.eligible
+    rr = policy.routing_strategy == "round_robin"
+    if exclude and group.members:
+        # Drawing again until the account is not excluded picks from exactly the remaining
+        # accounts' shares, without preparing a group for them (a few tries, then we do).
+        for k in range(_REDRAWS):
+            again = group.turn(turn + k) if rr else group.weighted(rand())
+            if again.account_id not in exclude:
+                return Choice(again.account_id, pinned=False, repin=repin)
     if exclude:
         now = pool.built_at
         group = _Group.of((c for c in group.members if c.account_id not in exclude), now)
@@ -236,6 +247,5 @@ def pick(
             group = _Group.of(_earliest_bucket(list(rest), now), now)
     if not group.members:
         return None
-    rr = policy.routing_strategy == "round_robin"
-    chosen = group.turn(turn) if rr else group.weighted(rand)
+    chosen = group.turn(turn) if rr else group.weighted(rand())
     return Choice(chosen.account_id, pinned=False, repin=repin)

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 # A cooldown without a reset time from the upstream: doubling from BASE up to MAX.
 BACKOFF_BASE_SECONDS = 2.0
 BACKOFF_MAX_SECONDS = 300.0
+# An account's last use is shared at most this often.
+LAST_USED_EVERY_SECONDS = 1.0
 # After a failed write round, wait this long before trying again.
 RETRY_SECONDS = 1.0
 
@@ -84,6 +86,7 @@ class Learner:
         self.store = store
         self.steps = steps
         self._pending: dict[str, _Pending] = {}
+        self._used_shared: dict[str, float] = {}
         self._wake = asyncio.Event()
 
     def _queue(self, account_id: str) -> _Pending:
@@ -113,10 +116,13 @@ class Learner:
         return cooldown
 
     def served(self, account_id: str, at: float) -> None:
-        """The account answered: its last use, and the end of a failure streak."""
+        """The account answered: its last use, and the end of a failure streak. The last use
+        is shown to people, to the second: it is shared at most once a second per account."""
         if self.states.get(account_id).cooldown.failures:
             self._set_cooldown(account_id, Cooldown(), at)
-        self._queue(account_id).used_at = at
+        if at - self._used_shared.get(account_id, 0.0) >= LAST_USED_EVERY_SECONDS:
+            self._used_shared[account_id] = at
+            self._queue(account_id).used_at = at
 
     def _set_cooldown(self, account_id: str, cooldown: Cooldown, at: float) -> None:
         self.states.observe(account_id, HotState(cooldown=cooldown, cooldown_at=at))

@@ -135,7 +135,7 @@ class Relay:
             pool = self.view.current(time.time())  # the await may have let news in
         skip = failed
         while True:
-            choice = pick(pool, policy, pin, turn=turn, rand=random.random(), exclude=skip)
+            choice = pick(pool, policy, pin, turn=turn, rand=random.random, exclude=skip)
             if choice is None or not saturated(pool, choice.account_id, self._inflight(choice)):
                 return choice
             # Its last units are already spoken for by requests on their way: another account

@@ -67,7 +67,18 @@ class EventTap:
             return []
         self._carry = data[end + 2 :]
         done = data[:end]
-        if not any(m in done for m in self._markers):
-            return []
-        events = (parse_event(b) for b in done.split(b"\n\n"))
-        return [(name, body) for name, body in events if name in self._names]
+        found: list[tuple[int, str, bytes]] = []
+        for marker in self._markers:
+            at = done.find(marker)
+            while at >= 0:
+                # The event starts at its ``event:`` line (the upstream writes it first) and
+                # runs to the blank line after it.
+                stop = done.find(b"\n\n", at)
+                block = done[at:] if stop < 0 else done[at:stop]
+                name, body = parse_event(block)
+                if name in self._names:
+                    found.append((at, name, body))
+                at = -1 if stop < 0 else done.find(marker, stop)
+        if len(found) > 1:
+            found.sort()  # in stream order
+        return [(name, body) for _, name, body in found]

@@ -25,6 +25,10 @@ class ChatTranslation:
             out.append(self.stream.feed(name, data))
         return b"".join(out)
 
+    @property
+    def finished(self) -> bool:
+        return self.stream.complete or self.stream.failed is not None
+
     def chunk(self, data: bytes) -> bytes:
         return self._events(self.reader.feed(data))
 
