@@ -9,7 +9,7 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench import account_import, hotpath, keycheck, latency, propagation, proxy
+from bench import account_import, hotpath, keycheck, latency, pool, propagation, proxy
 from bench.common import Check
 
 
@@ -23,7 +23,7 @@ class Benchmark:
 
 BENCHMARKS: tuple[Benchmark, ...] = tuple(
     Benchmark(m.NAME, m.SUMMARY, m.add_arguments, m.run)
-    for m in (propagation, latency, hotpath, account_import, keycheck, proxy)
+    for m in (propagation, latency, hotpath, account_import, keycheck, proxy, pool)
 )
 
 # Groups of benchmarks run together under one name.

@@ -25,6 +25,38 @@ Control routes (JSON), under ``/_fake/``:
   that refresh token ``invalid_grant``/``refresh_token_invalidated``.
 - ``POST /_fake/refresh_tokens`` ``{"refresh_token", "account_id", "email", "plan"}``: whose a
   refresh token is, so the id_token a refresh answers names the right account.
+- ``GET /_fake/quota?since=N`` and ``POST /_fake/quota/start`` ``{"epoch": E}``: quota mode.
+
+Quota mode (an account's behaviour field ``quota``, e.g. ``POST /_fake/accounts/a`` with
+``{"quota": {"capacity": 40, "window_seconds": 30, "offset_seconds": 7, "weekly_capacity": 120,
+"weekly_window_seconds": 90, "weekly_offset_seconds": 0, "spent": 0, "weekly_spent": 0}}``;
+``{"quota": null}`` turns it off; the fields are ``Quota``'s). Each account has a short window
+(the "5-hour" one, compressed) and a weekly one; window k of a kind spans
+[epoch + offset + k·L, epoch + offset + (k+1)·L) on the fake's wall clock, where the epoch is a
+whole second common to every account: the moment quota mode was first configured, or the last
+``/_fake/quota/start`` (which also starts every quota afresh and empties the timeline). So every
+window end is an exact epoch second, and offsets stagger the resets. ``spent``/``weekly_spent``
+are units already spent, at the epoch, in the windows then in progress.
+
+Each ``/codex/responses`` (or ``/compact``) request that would be served spends one unit in both
+windows in progress when it arrives. When either has none left it is answered at once (no
+``delay_first_byte``) with 429 ``usage_limit_reached``, ``resets_at`` the end of the exhausted
+window (the later one when both are) and ``resets_in_seconds``. Every answer (and
+``/wham/usage``, which spends nothing) carries the usage as it is when the answer starts: the
+``x-codex-primary-*`` headers tell the short window (spent/capacity·100 percent, window minutes
+300, ``reset-at`` its end, ``reset-after-seconds``), the ``x-codex-secondary-*`` ones the weekly
+window (10080 minutes); ``rate_limits_event`` puts the same into the stream. Scripted ``fail``
+answers still apply first and spend nothing.
+
+``GET /_fake/quota`` answers the ground truth: ``epoch``, ``now``, per account its ``quota``,
+``room`` (a unit left in both windows now) and every window begun since the epoch
+(``windows``, ``weekly_windows``: index, start, end, capacity, initial, spent), and the
+``timeline`` of requests after sequence number ``since`` (the last 200,000 are kept), each with
+``seq``, ``time`` (arrival), ``account_id``, ``path``, ``status`` (or ``"drop"``), ``room`` (the
+account had room on arrival), ``spent``, the ``session`` header (``session_id``), the
+``x-fake-tag`` header as ``tag``, ``answered`` (when its answer started: after
+``delay_first_byte``, at once for a quota 429) and both windows as that answer told them
+(``short_spent``, ``short_capacity``, ``short_end``, ``weekly_*``).
 """
 
 from __future__ import annotations
@@ -39,6 +71,7 @@ import functools
 import hashlib
 import itertools
 import logging
+import math
 import os
 import secrets
 import signal
@@ -110,8 +143,8 @@ class Behaviour:
     text: str | None = None
     tool_calls: bool = True
     tool_arguments: str = '{"x": 1}'
-    # Room for a "quota burning" mode: a per-account capacity spent one unit per request, windows
-    # compressed to seconds; AccountState would keep the spent units and the window's start.
+    # Quota mode (see the module's docstring): the fields of ``Quota`` as a JSON object, or None.
+    quota: dict[str, Any] | None = None
 
     def merge(self, patch: dict[str, Any]) -> None:
         patch = dict(patch)
@@ -128,6 +161,8 @@ class Behaviour:
             raise ValueError(f"fail must be a status >= 400, 'drop' or 'mid_stream', not {fail!r}")
         if "fail" in patch and "fail_times" not in patch:
             patch["fail_times"] = None
+        if patch.get("quota") is not None:
+            patch["quota"] = dataclasses.asdict(Quota.of(patch["quota"]))
         for name, value in patch.items():
             setattr(self, name, value)
 
@@ -148,6 +183,166 @@ class Behaviour:
         return [self.window("primary", now), self.window("secondary", now)]
 
 
+SHORT, WEEKLY = "short", "weekly"
+# What the windows of quota mode are called in the headers (their real lengths, in minutes).
+SHORT_MINUTES, WEEKLY_MINUTES = 300, 10080
+MAX_TIMELINE = 200_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Quota:
+    """Quota mode's configuration of one account (all times in whole seconds, so that window
+    ends are exact epoch seconds).
+
+    ``capacity`` units per short ("5-hour") window of ``window_seconds``; ``weekly_capacity``
+    (None: no weekly limit) per weekly window of ``weekly_window_seconds`` (default 3 short
+    windows). ``offset_seconds``/``weekly_offset_seconds`` shift the windows from the common
+    epoch; ``spent``/``weekly_spent`` are the units already spent, at the epoch, in the window in
+    progress then (an account already in use when the simulation starts).
+    """
+
+    capacity: int
+    window_seconds: int
+    offset_seconds: int = 0
+    weekly_capacity: int | None = None
+    weekly_window_seconds: int | None = None
+    weekly_offset_seconds: int = 0
+    spent: int = 0
+    weekly_spent: int = 0
+
+    @classmethod
+    def of(cls, fields: object) -> Quota:
+        if not isinstance(fields, dict):
+            raise ValueError("quota must be a JSON object")
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - names)
+        if unknown:
+            raise ValueError(f"unknown quota fields: {unknown}")
+        for name, value in fields.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"quota.{name} must be a whole number, not {value!r}")
+        try:
+            quota = cls(**fields)
+        except TypeError as error:
+            raise ValueError(f"quota: {error}") from None
+        if quota.capacity < 0 or quota.window_seconds < 1:
+            raise ValueError("quota needs capacity >= 0 and window_seconds >= 1")
+        if quota.weekly_capacity is not None and quota.weekly_capacity < 0:
+            raise ValueError("quota.weekly_capacity must be >= 0")
+        if quota.weekly_window_seconds is not None and quota.weekly_window_seconds < 1:
+            raise ValueError("quota.weekly_window_seconds must be >= 1")
+        if quota.spent < 0 or quota.weekly_spent < 0:
+            raise ValueError("quota.spent and quota.weekly_spent must be >= 0")
+        return quota
+
+    def shape(self, kind: str) -> tuple[int, int, int | None]:
+        """(window seconds, offset seconds, capacity or None for unlimited) of one kind."""
+        if kind == SHORT:
+            return self.window_seconds, self.offset_seconds, self.capacity
+        length = self.weekly_window_seconds or 3 * self.window_seconds
+        return length, self.weekly_offset_seconds, self.weekly_capacity
+
+    def bounds(self, kind: str, epoch: int, at: float) -> tuple[int, int, int]:
+        """(index, start, end) of the window of ``kind`` in progress at ``at``: window k spans
+        [epoch + offset + k·L, epoch + offset + (k+1)·L)."""
+        length, offset, _ = self.shape(kind)
+        start = epoch + offset
+        index = math.floor((at - start) / length)
+        return index, start + index * length, start + (index + 1) * length
+
+
+@dataclasses.dataclass
+class Ledger:
+    """Quota mode's bookkeeping of one account: units spent per window since the epoch."""
+
+    quota: Quota
+    epoch: int
+    spent: dict[tuple[str, int], int] = dataclasses.field(default_factory=dict)
+    first: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for kind, initial in ((SHORT, self.quota.spent), (WEEKLY, self.quota.weekly_spent)):
+            index = self.quota.bounds(kind, self.epoch, self.epoch)[0]
+            self.first[kind] = index
+            self.spent[kind, index] = initial
+
+    def window(self, kind: str, at: float) -> dict[str, Any]:
+        index, start, end = self.quota.bounds(kind, self.epoch, at)
+        capacity = self.quota.shape(kind)[2]
+        return {
+            "index": index,
+            "start": start,
+            "end": end,
+            "capacity": capacity,
+            "spent": self.spent.get((kind, index), 0),
+        }
+
+    def left(self, kind: str, at: float) -> float:
+        window = self.window(kind, at)
+        if window["capacity"] is None:
+            return math.inf
+        return float(window["capacity"] - window["spent"])
+
+    def room(self, at: float) -> bool:
+        return self.left(SHORT, at) > 0 and self.left(WEEKLY, at) > 0
+
+    def spend(self, at: float) -> None:
+        for kind in (SHORT, WEEKLY):
+            index = self.quota.bounds(kind, self.epoch, at)[0]
+            self.spent[kind, index] = self.spent.get((kind, index), 0) + 1
+
+    def windows(self, at: float) -> list[tuple[float, int, int, int]]:
+        """(used percent, window minutes, reset at, reset after seconds) of both windows, as
+        the headers, the rate-limits event and ``/wham/usage`` send them."""
+        out = []
+        for kind, minutes in ((SHORT, SHORT_MINUTES), (WEEKLY, WEEKLY_MINUTES)):
+            window = self.window(kind, at)
+            capacity = window["capacity"]
+            if capacity is None:
+                used = 0.0
+            elif capacity == 0:
+                used = 100.0
+            else:
+                used = min(100.0, 100.0 * window["spent"] / capacity)
+            after = max(0, math.ceil(window["end"] - at))
+            out.append((used, minutes, int(window["end"]), after))
+        return out
+
+    def limit(self, at: float) -> tuple[int, int]:
+        """(resets at, resets in seconds) for a 429: the end of the exhausted window, the
+        later of the two when both are."""
+        kinds = (SHORT, WEEKLY)
+        ends = [self.window(kind, at)["end"] for kind in kinds if self.left(kind, at) <= 0]
+        end = int(max(ends)) if ends else int(self.window(SHORT, at)["end"])
+        return end, max(0, math.ceil(end - at))
+
+    def begun(self, kind: str, at: float) -> list[dict[str, Any]]:
+        """Every window of ``kind`` from the one in progress at the epoch to the current one."""
+        last = self.quota.bounds(kind, self.epoch, at)[0]
+        length, offset, capacity = self.quota.shape(kind)
+        start = self.epoch + offset
+        initial = self.quota.spent if kind == SHORT else self.quota.weekly_spent
+        return [
+            {
+                "index": index,
+                "start": start + index * length,
+                "end": start + (index + 1) * length,
+                "capacity": capacity,
+                "initial": initial if index == self.first[kind] else 0,
+                "spent": self.spent.get((kind, index), 0),
+            }
+            for index in range(self.first[kind], last + 1)
+        ]
+
+    def snapshot(self, at: float) -> dict[str, Any]:
+        return {
+            "quota": dataclasses.asdict(self.quota),
+            "room": self.room(at),
+            "windows": self.begun(SHORT, at),
+            "weekly_windows": self.begun(WEEKLY, at),
+        }
+
+
 @dataclasses.dataclass
 class AccountState:
     """One account's behaviour and what happened to it so far."""
@@ -157,6 +352,13 @@ class AccountState:
     statuses: collections.Counter[int] = dataclasses.field(default_factory=collections.Counter)
     aborted: int = 0  # streams the client left (or mid_stream cut) before response.completed
     cache_keys: set[str] = dataclasses.field(default_factory=set)
+    ledger: Ledger | None = None  # quota mode
+
+    def windows(self, now: float) -> list[tuple[float, int, int, int]]:
+        """The usage windows sent now: quota mode's ledger, else the behaviour's fields."""
+        if self.ledger is not None:
+            return self.ledger.windows(now)
+        return self.behaviour.windows(now)
 
     def take_failure(self) -> int | str | None:
         behaviour = self.behaviour
@@ -233,12 +435,63 @@ class FakeState:
         self.identities: dict[str, Identity] = {}
         self.ids = itertools.count(1)
         self.prefix = secrets.token_hex(4)
+        self.quota_epoch: int | None = None
+        self.timeline: collections.deque[dict[str, Any]] = collections.deque(maxlen=MAX_TIMELINE)
+        self.timeline_seq = 0
 
     def account(self, account_id: str) -> AccountState:
         state = self.accounts.get(account_id)
         if state is None:
             state = self.accounts[account_id] = AccountState()
         return state
+
+    def set_quota(self, account: AccountState) -> None:
+        """The account's quota (just configured) starts afresh on the common epoch."""
+        fields = account.behaviour.quota
+        if fields is None:
+            account.ledger = None
+            return
+        if self.quota_epoch is None:
+            self.quota_epoch = int(time.time())
+        account.ledger = Ledger(Quota(**fields), self.quota_epoch)
+
+    def start_quota(self, epoch: int) -> None:
+        """A new epoch: every quota afresh, the timeline emptied."""
+        self.quota_epoch = epoch
+        self.timeline.clear()
+        for account in self.accounts.values():
+            self.set_quota(account)
+
+    def quota_event(
+        self,
+        request: web.Request,
+        account_id: str,
+        ledger: Ledger,
+        at: float,
+        room: bool,
+        spent: bool,
+    ) -> dict[str, Any]:
+        """One quota-mode request on the timeline (the caller sets its status and, with
+        ``answered``, the windows its answer tells): whether the account had room when it
+        arrived, whether it spent a unit."""
+        self.timeline_seq += 1
+        headers = request.headers
+        event = {
+            "seq": self.timeline_seq,
+            "time": at,
+            "account_id": account_id,
+            "path": request.path,
+            "status": None,
+            "room": room,
+            "spent": spent,
+            "session": headers.get("session_id")
+            or headers.get("session-id")
+            or headers.get("x-session-id"),
+            "tag": headers.get("x-fake-tag"),
+        }
+        answered(event, ledger, at)
+        self.timeline.append(event)
+        return event
 
     def next_id(self) -> str:
         return f"{self.prefix}{next(self.ids):x}"
@@ -262,6 +515,20 @@ class FakeState:
         }
         self.records.append(entry)
         return entry
+
+
+def answered(event: dict[str, Any], ledger: Ledger, at: float) -> None:
+    """A timeline entry's answer: when it started and what it told of both windows."""
+    short, weekly = ledger.window(SHORT, at), ledger.window(WEEKLY, at)
+    event.update(
+        answered=at,
+        short_spent=short["spent"],
+        short_capacity=short["capacity"],
+        short_end=short["end"],
+        weekly_spent=weekly["spent"],
+        weekly_capacity=weekly["capacity"],
+        weekly_end=weekly["end"],
+    )
 
 
 def _lowercased(request: web.Request) -> dict[str, str]:
@@ -302,7 +569,10 @@ def _percent(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def _headers(state: FakeState, behaviour: Behaviour, now: float, started: float) -> dict[str, str]:
+Windows = list[tuple[float, int, int, int]]  # (used percent, minutes, reset at, reset after)
+
+
+def _headers(state: FakeState, windows: Windows, started: float) -> dict[str, str]:
     request_id = state.next_id()
     headers = {
         "x-request-id": f"req_{request_id}",
@@ -311,7 +581,7 @@ def _headers(state: FakeState, behaviour: Behaviour, now: float, started: float)
         "set-cookie": "__cf_bm=abc; Path=/",
     }
     for name, (used, minutes, reset_at, after) in zip(
-        ("primary", "secondary"), behaviour.windows(now), strict=False
+        ("primary", "secondary"), windows, strict=False
     ):
         headers[f"x-codex-{name}-used-percent"] = _percent(used)
         headers[f"x-codex-{name}-window-minutes"] = str(minutes)
@@ -329,22 +599,28 @@ def _error(status: int, error: dict[str, Any], headers: dict[str, str]) -> web.R
     )
 
 
+def _limit_response(
+    plan_type: str, reset_at: int, after: int, headers: dict[str, str]
+) -> web.Response:
+    return _error(
+        429,
+        {
+            "type": "usage_limit_reached",
+            "message": "The usage limit has been reached",
+            "plan_type": plan_type,
+            "resets_at": reset_at,
+            "resets_in_seconds": after,
+        },
+        headers,
+    )
+
+
 def _failure_response(
-    status: int, behaviour: Behaviour, now: float, headers: dict[str, str]
+    status: int, behaviour: Behaviour, windows: Windows, headers: dict[str, str]
 ) -> web.Response:
     if status == 429:
-        _, _, reset_at, after = behaviour.windows(now)[0]
-        return _error(
-            429,
-            {
-                "type": "usage_limit_reached",
-                "message": "The usage limit has been reached",
-                "plan_type": behaviour.plan_type,
-                "resets_at": reset_at,
-                "resets_in_seconds": after,
-            },
-            headers,
-        )
+        _, _, reset_at, after = windows[0]
+        return _limit_response(behaviour.plan_type, reset_at, after, headers)
     if status == 401:
         return _error(401, _TOKEN_EXPIRED, headers)
     return _error(
@@ -507,11 +783,9 @@ def _usage(input_tokens: int, cached: int, output_tokens: int) -> dict[str, Any]
     }
 
 
-def _rate_limits(behaviour: Behaviour, now: float) -> dict[str, Any]:
+def _rate_limits(windows: Windows) -> dict[str, Any]:
     limits: dict[str, Any] = {}
-    for name, (used, minutes, reset_at, _) in zip(
-        ("primary", "secondary"), behaviour.windows(now), strict=False
-    ):
+    for name, (used, minutes, reset_at, _) in zip(("primary", "secondary"), windows, strict=False):
         limits[name] = {"used_percent": used, "window_minutes": minutes, "resets_at": reset_at}
     return {"type": "codex.rate_limits", "rate_limits": limits}
 
@@ -536,30 +810,51 @@ async def responses(request: web.Request) -> web.StreamResponse:
     behaviour = account.behaviour
     now = time.time()
     failure = account.take_failure()
+    ledger = account.ledger
+    noted: dict[str, Any] = {}  # quota mode's timeline entry
+    if ledger is not None:
+        room = ledger.room(now)
+        if room and failure is None:
+            ledger.spend(now)
+        noted = state.quota_event(request, account_id, ledger, now, room, room and failure is None)
+        if not room and failure is None:  # out of quota: answered at once, without the delay
+            account.statuses[429] += 1
+            entry["status"] = noted["status"] = 429
+            reset_at, after = ledger.limit(now)
+            headers = _headers(state, ledger.windows(now), started)
+            return _limit_response(behaviour.plan_type, reset_at, after, headers)
     if behaviour.delay_first_byte:
         await asyncio.sleep(behaviour.delay_first_byte)
-    headers = _headers(state, behaviour, now, started)
+    # Quota mode tells the usage as it is when the answer starts; otherwise as configured.
+    windows = behaviour.windows(now)
+    if ledger is not None:
+        answer_at = time.time()
+        windows = ledger.windows(answer_at)
+        answered(noted, ledger, answer_at)
+    headers = _headers(state, windows, started)
     compact = request.path.endswith("/compact")
     if failure == "drop":
         account.aborted += 1
+        noted["status"] = "drop"
         return _drop(request)
     if isinstance(failure, int):
         account.statuses[failure] += 1
-        entry["status"] = failure
-        return _failure_response(failure, behaviour, now, headers)
+        entry["status"] = noted["status"] = failure
+        return _failure_response(failure, behaviour, windows, headers)
     try:
         body = _decode(raw) if raw else {}
     except msgspec.DecodeError:
         body = None
     if not isinstance(body, dict):
         account.statuses[400] += 1
-        entry["status"] = 400
+        entry["status"] = noted["status"] = 400
         return _error(400, {"type": "invalid_request_error", "message": "bad JSON"}, headers)
     if failure == "mid_stream" and (compact or not body.get("stream")):
         account.aborted += 1  # nothing to cut in the middle: dropped
+        noted["status"] = "drop"
         return _drop(request)
     account.statuses[200] += 1
-    entry["status"] = 200
+    entry["status"] = noted["status"] = 200
     if compact:
         return _compact(body, raw, headers)
     kind, answer = _plan(body, account_id, behaviour)
@@ -596,7 +891,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         )
     ]
     if behaviour.rate_limits_event:
-        events.append(_event("codex.rate_limits", _rate_limits(behaviour, now)))
+        events.append(_event("codex.rate_limits", _rate_limits(windows)))
     seq = len(events)
     middle = _message_events(answer, behaviour.deltas, seq) if kind == "text" else None
     events += middle if middle is not None else _call_events(answer, behaviour.tool_arguments, seq)
@@ -682,7 +977,7 @@ async def models(request: web.Request) -> web.Response:
             {"slug": MODELS[1], "display_name": "GPT-5.1 Codex Mini", "context_window": 272000},
         ]
     }
-    headers = _headers(state, account.behaviour, time.time(), time.monotonic())
+    headers = _headers(state, account.windows(time.time()), time.monotonic())
     return web.Response(body=_encode(reply), content_type="application/json", headers=headers)
 
 
@@ -735,7 +1030,7 @@ async def transcribe(request: web.Request) -> web.Response:
             )
         else:
             reply["fields"][params.get("name", "")] = content.decode(errors="replace")
-    headers = _headers(state, account.behaviour, time.time(), time.monotonic())
+    headers = _headers(state, account.windows(time.time()), time.monotonic())
     return web.Response(body=_encode(reply), content_type="application/json", headers=headers)
 
 
@@ -753,7 +1048,7 @@ async def wham_usage(request: web.Request) -> web.Response:
             "reset_after_seconds": after,
             "reset_at": reset_at,
         }
-        for used, minutes, reset_at, after in behaviour.windows(now)
+        for used, minutes, reset_at, after in account.windows(now)
     ]
     reached = any(window["used_percent"] >= 100 for window in windows)
     reply = {
@@ -766,7 +1061,7 @@ async def wham_usage(request: web.Request) -> web.Response:
         },
         "credits": {"has_credits": False, "unlimited": False, "balance": "0"},
     }
-    headers = _headers(state, behaviour, now, time.monotonic())
+    headers = _headers(state, account.windows(now), time.monotonic())
     return web.Response(body=_encode(reply), content_type="application/json", headers=headers)
 
 
@@ -856,10 +1151,13 @@ async def control_account(request: web.Request) -> web.Response:
     account_id = request.match_info["account_id"]
     account = state.account(account_id)
     if request.method == "POST":
+        patch = await _json(request)
         try:
-            account.behaviour.merge(await _json(request))
+            account.behaviour.merge(patch)
         except ValueError as error:
             raise web.HTTPBadRequest(text=str(error)) from None
+        if "quota" in patch:
+            state.set_quota(account)
     return _behaviour_json(account_id, account)
 
 
@@ -896,6 +1194,37 @@ async def control_stats(request: web.Request) -> web.Response:
         for account_id, account in state.accounts.items()
     }
     return web.json_response({"total": state.total, "accounts": accounts})
+
+
+async def control_quota(request: web.Request) -> web.Response:
+    state = _state(request)
+    since = int(request.query.get("since", "0"))
+    now = time.time()
+    accounts = {
+        account_id: account.ledger.snapshot(now)
+        for account_id, account in state.accounts.items()
+        if account.ledger is not None
+    }
+    timeline = [event for event in state.timeline if event["seq"] > since]
+    reply = {
+        "epoch": state.quota_epoch,
+        "now": now,
+        "accounts": accounts,
+        "timeline": timeline,
+        "last_seq": state.timeline_seq,
+    }
+    return web.Response(body=_encode(reply), content_type="application/json")
+
+
+async def control_quota_start(request: web.Request) -> web.Response:
+    state = _state(request)
+    epoch = (await _json(request)).get("epoch")
+    if epoch is None:
+        epoch = int(time.time())
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise web.HTTPBadRequest(text="epoch must be whole epoch seconds")
+    state.start_quota(epoch)
+    return web.json_response({"epoch": epoch})
 
 
 async def control_recording(request: web.Request) -> web.Response:
@@ -951,6 +1280,8 @@ def make_app(state: FakeState | None = None) -> web.Application:
     app.router.add_get("/_fake/requests", control_requests)
     app.router.add_get("/_fake/stats", control_stats)
     app.router.add_post("/_fake/recording", control_recording)
+    app.router.add_get("/_fake/quota", control_quota)
+    app.router.add_post("/_fake/quota/start", control_quota_start)
     app.router.add_post("/_fake/revoke", control_revoke)
     app.router.add_post("/_fake/refresh_tokens", control_refresh_tokens)
     app.router.add_route("*", "/{tail:.*}", not_found)
@@ -1014,6 +1345,17 @@ class FakeUpstream:
 
     def recording(self, on: bool) -> None:
         self._post("/_fake/recording", {"on": on})
+
+    def quota(self, since: int = 0) -> dict[str, Any]:
+        """Quota mode's ground truth: ``GET /_fake/quota``."""
+        response = self.http.get("/_fake/quota", params={"since": since})
+        response.raise_for_status()
+        return dict(response.json())
+
+    def quota_start(self, epoch: int | None = None) -> int:
+        """A new quota epoch (now, or ``epoch``): every quota afresh, the timeline emptied."""
+        reply = self._post("/_fake/quota/start", {} if epoch is None else {"epoch": epoch})
+        return int(reply["epoch"])
 
     def revoke(self, token: str) -> None:
         self._post("/_fake/revoke", {"token": token})

@@ -18,7 +18,18 @@ import httpx
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.fake_upstream import ANONYMOUS, ROOT, FakeState, _free_port, make_app, running_fake
+from tests.fake_upstream import (
+    ANONYMOUS,
+    ROOT,
+    SHORT,
+    WEEKLY,
+    FakeState,
+    Ledger,
+    Quota,
+    _free_port,
+    make_app,
+    running_fake,
+)
 
 AUTH = {"Authorization": "Bearer at-1", "chatgpt-account-id": "acct-a"}
 USER_MESSAGE = {
@@ -523,3 +534,195 @@ def test_running_fake_helpers() -> None:
         process = fake.process
     assert process is not None
     assert process.returncode == 0
+
+
+# --- quota mode ---------------------------------------------------------------------------------
+
+
+def test_quota_ledger_windows_reset_and_stagger() -> None:
+    quota = Quota(
+        capacity=2,
+        window_seconds=30,
+        offset_seconds=7,
+        weekly_capacity=3,
+        weekly_window_seconds=90,
+        spent=1,
+    )
+    epoch = 1_000_000
+    ledger = Ledger(quota, epoch)
+    # At the epoch the short window in progress began 23 s before (offset 7): [E-23, E+7).
+    assert quota.bounds(SHORT, epoch, epoch) == (-1, epoch - 23, epoch + 7)
+    assert quota.bounds(WEEKLY, epoch, epoch + 89.9) == (0, epoch, epoch + 90)
+    assert ledger.window(SHORT, epoch + 1)["spent"] == 1  # spent before the epoch
+    ledger.spend(epoch + 1)
+    assert not ledger.room(epoch + 6.9)
+    assert ledger.limit(epoch + 6.5) == (epoch + 7, 1)
+    # The short window resets at E+7 exactly: room again, one weekly unit spent.
+    assert ledger.room(epoch + 7)
+    assert ledger.windows(epoch + 7) == [
+        (0.0, 300, epoch + 37, 30),
+        (100 / 3, 10080, epoch + 90, 83),
+    ]
+    ledger.spend(epoch + 8)
+    ledger.spend(epoch + 9)
+    # The weekly window is out (3 of 3) though the short one has room: 429 until E+90.
+    assert ledger.left(SHORT, epoch + 10) == 0
+    assert ledger.left(WEEKLY, epoch + 10) == 0
+    assert ledger.limit(epoch + 10) == (epoch + 90, 80)  # both out: the later end
+    assert ledger.left(SHORT, epoch + 37) == 2
+    assert not ledger.room(epoch + 37)
+    assert ledger.limit(epoch + 37) == (epoch + 90, 53)
+    assert ledger.room(epoch + 90)
+    snapshot = ledger.snapshot(epoch + 40)
+    assert [(w["index"], w["initial"], w["spent"]) for w in snapshot["windows"]] == [
+        (-1, 1, 2),
+        (0, 0, 2),
+        (1, 0, 0),
+    ]
+    assert snapshot["weekly_windows"] == [
+        {"index": 0, "start": epoch, "end": epoch + 90, "capacity": 3, "initial": 0, "spent": 3}
+    ]
+    unlimited = Ledger(Quota(capacity=1, window_seconds=10), epoch)
+    for _ in range(1000):
+        unlimited.spend(epoch + 5 + 10 * _)
+    assert unlimited.room(epoch + 20_000)
+    assert unlimited.windows(epoch)[1][:3] == (0.0, 10080, epoch + 30)
+
+
+async def test_quota_mode_spends_one_unit_per_request_then_429(
+    client: TestClient[Any, Any], state: FakeState
+) -> None:
+    quota = {
+        "capacity": 3,
+        "window_seconds": 600,
+        "weekly_capacity": 30,
+        "weekly_window_seconds": 1800,
+        "weekly_offset_seconds": 100,
+    }
+    behaviour = await configure(client, "acct-a", quota=quota, delay_first_byte=0.2)
+    assert behaviour["quota"]["capacity"] == 3
+    epoch = int(time.time()) - 10
+    started = await client.post("/_fake/quota/start", json={"epoch": epoch})
+    assert await started.json() == {"epoch": epoch}
+    headers = {**AUTH, "session_id": "thread-1", "x-fake-tag": "t1"}
+    used = []
+    for _ in range(3):
+        response = await client.post(
+            "/codex/responses", json={**BODY, "stream": False}, headers=headers
+        )
+        assert response.status == 200
+        used.append(response.headers["x-codex-primary-used-percent"])
+        assert response.headers["x-codex-primary-window-minutes"] == "300"
+        assert response.headers["x-codex-primary-reset-at"] == str(epoch + 600)
+        assert int(response.headers["x-codex-primary-reset-after-seconds"]) in range(585, 592)
+        assert response.headers["x-codex-secondary-window-minutes"] == "10080"
+        assert response.headers["x-codex-secondary-reset-at"] == str(epoch + 100)
+    assert used == [repr(100 / 3), repr(200 / 3), "100"]
+    assert response.headers["x-codex-secondary-used-percent"] == "10"
+    began = time.monotonic()
+    refused = await client.post("/codex/responses/compact", json=BODY, headers=headers)
+    assert time.monotonic() - began < 0.15  # a quota 429 does not wait for delay_first_byte
+    assert refused.status == 429
+    assert refused.headers["x-codex-primary-used-percent"] == "100"
+    error = (await refused.json())["error"]
+    assert error["type"] == "usage_limit_reached"
+    assert error["resets_at"] == epoch + 600
+    assert error["resets_in_seconds"] == pytest.approx(epoch + 600 - time.time(), abs=2)
+    # /wham/usage tells the same and spends nothing.
+    usage = await (await client.get("/wham/usage", headers=AUTH)).json()
+    limit = usage["rate_limit"]
+    assert limit["limit_reached"] is True
+    assert limit["primary_window"]["used_percent"] == 100
+    assert limit["primary_window"]["reset_at"] == epoch + 600
+    assert limit["secondary_window"]["used_percent"] == 10
+    # The stream's rate-limits event too, for another account.
+    await configure(client, "acct-b", quota={"capacity": 4, "window_seconds": 60})
+    await configure(client, "acct-b", rate_limits_event=True)
+    events = await stream_as(client, {**AUTH, "chatgpt-account-id": "acct-b"})
+    assert events[1][0] == "codex.rate_limits"
+    assert events[1][1]["rate_limits"]["primary"] == {
+        "used_percent": 25,
+        "window_minutes": 300,
+        "resets_at": epoch + 60,
+    }
+
+    truth = await (await client.get("/_fake/quota")).json()
+    assert truth["epoch"] == epoch
+    a = truth["accounts"]["acct-a"]
+    assert a["room"] is False
+    assert a["windows"] == [
+        {"index": 0, "start": epoch, "end": epoch + 600, "capacity": 3, "initial": 0, "spent": 3}
+    ]
+    assert [w["spent"] for w in a["weekly_windows"]] == [3]
+    assert a["weekly_windows"][0]["start"] == epoch + 100 - 1800
+    timeline = truth["timeline"]
+    assert [(e["account_id"], e["status"], e["room"], e["spent"]) for e in timeline] == [
+        ("acct-a", 200, True, True),
+        ("acct-a", 200, True, True),
+        ("acct-a", 200, True, True),
+        ("acct-a", 429, False, False),
+        ("acct-b", 200, True, True),
+    ]
+    first = timeline[0]
+    assert first["session"] == "thread-1"
+    assert first["tag"] == "t1"
+    assert first["path"] == "/codex/responses"
+    assert timeline[3]["path"] == "/codex/responses/compact"
+    # A served answer starts after delay_first_byte; the quota 429 at once.
+    assert first["answered"] - first["time"] >= 0.2
+    assert timeline[3]["answered"] == timeline[3]["time"]
+    assert (first["short_spent"], first["short_capacity"], first["short_end"]) == (
+        1,
+        3,
+        epoch + 600,
+    )
+    assert (first["weekly_spent"], first["weekly_capacity"]) == (1, 30)
+    assert [e["seq"] for e in timeline] == [1, 2, 3, 4, 5]
+    since = await (await client.get("/_fake/quota", params={"since": "4"})).json()
+    assert [e["seq"] for e in since["timeline"]] == [5]
+    assert since["last_seq"] == 5
+    assert state.accounts["acct-a"].statuses == {200: 4, 429: 1}  # with /wham/usage
+
+    # A new epoch: every quota afresh, the timeline emptied.
+    await client.post("/_fake/quota/start", json={})
+    response = await client.post("/codex/responses", json=BODY, headers=AUTH)
+    assert response.status == 200
+    truth = await (await client.get("/_fake/quota")).json()
+    assert truth["epoch"] == pytest.approx(time.time(), abs=2)
+    assert len(truth["timeline"]) == 1
+    assert truth["accounts"]["acct-a"]["windows"][-1]["spent"] == 1
+
+
+async def test_quota_mode_scripted_failures_spend_nothing_and_configuration(
+    client: TestClient[Any, Any],
+) -> None:
+    await configure(client, "acct-a", quota={"capacity": 1, "window_seconds": 600}, fail=503)
+    response = await client.post("/codex/responses", json=BODY, headers=AUTH)
+    assert response.status == 503
+    await configure(client, "acct-a", fail=None)
+    assert (await client.post("/codex/responses", json=BODY, headers=AUTH)).status == 200
+    assert (await client.post("/codex/responses", json=BODY, headers=AUTH)).status == 429
+    timeline = (await (await client.get("/_fake/quota")).json())["timeline"]
+    assert [(e["status"], e["room"], e["spent"]) for e in timeline] == [
+        (503, True, False),
+        (200, True, True),
+        (429, False, False),
+    ]
+    # Reconfigured: afresh; turned off: the behaviour's fields again.
+    await configure(client, "acct-a", quota={"capacity": 2, "window_seconds": 600})
+    assert (await client.post("/codex/responses", json=BODY, headers=AUTH)).status == 200
+    await configure(client, "acct-a", quota=None, primary_used_percent=7)
+    response = await client.post("/codex/responses", json=BODY, headers=AUTH)
+    assert response.headers["x-codex-primary-used-percent"] == "7"
+    assert (await (await client.get("/_fake/quota")).json())["accounts"] == {}
+    for bad in (
+        {"capacity": 1},
+        {"capacity": 1, "window_seconds": 0},
+        {"capacity": 1.5, "window_seconds": 10},
+        {"capacity": 1, "window_seconds": 10, "colour": 1},
+        [1, 2],
+    ):
+        rejected = await client.post("/_fake/accounts/acct-a", json={"quota": bad})
+        assert rejected.status == 400, bad
+    rejected = await client.post("/_fake/quota/start", json={"epoch": 1.5})
+    assert rejected.status == 400
