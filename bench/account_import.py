@@ -28,6 +28,7 @@ import httpx
 from bench.common import (
     BenchError,
     Check,
+    children,
     cluster,
     expect,
     heading,
@@ -90,22 +91,6 @@ def _reset_peak(pid: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is ``pid`` (a supervisor would have its workers here)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
-        if int(stat.rpartition(")")[2].split()[1]) == pid:
-            found.append(int(entry.name))
-    return found
 
 
 class RssSampler(threading.Thread):
@@ -248,9 +233,9 @@ def run(args: argparse.Namespace) -> list[Check]:
     with cluster(1, workers=1, extra_env=env) as c:
         serve = c.serves[0]
         pid = serve.proc.pid
-        children = _children(pid)
-        if children:
-            raise BenchError(f"serve {pid} has child processes {children}: not one process")
+        spawned = children(pid)
+        if spawned:
+            raise BenchError(f"serve {pid} has child processes {spawned}: not one process")
         token = login(serve.url)
         with session_client(serve.url, token, timeout=REQUEST_TIMEOUT_SECONDS) as client:
             first = _import(client, pid, parts, "import (new)")

@@ -275,3 +275,19 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def heading(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (a supervisor would have its workers here)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        if int(stat.rpartition(")")[2].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found

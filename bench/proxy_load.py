@@ -28,7 +28,14 @@ from pathlib import Path
 import aiohttp
 import httpx
 
-from bench.common import HOST, REPO_ROOT, START_TIMEOUT_SECONDS, STOP_TIMEOUT_SECONDS, BenchError
+from bench.common import (
+    HOST,
+    REPO_ROOT,
+    START_TIMEOUT_SECONDS,
+    STOP_TIMEOUT_SECONDS,
+    BenchError,
+    children,
+)
 from tests.fake_upstream import FakeUpstream
 from tests.support import free_port
 
@@ -253,25 +260,11 @@ def thin_passthrough(upstream: str) -> Iterator[tuple[str, int]]:
 # --- memory ----------------------------------------------------------------------------------
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            # pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
-            if int(stat.rpartition(")")[2].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
 def serving_pid(pid: int) -> int:
     """The process that serves requests: ``serve --workers 1`` runs the worker in its own
     process (``service/server.py``); with more workers, the supervisor's one spawned worker."""
     workers = []
-    for child in _children(pid):
+    for child in children(pid):
         with contextlib.suppress(OSError):
             if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
                 workers.append(child)

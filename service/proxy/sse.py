@@ -31,42 +31,46 @@ def parse_event(block: bytes) -> tuple[str, bytes]:
     return name, b"\n".join(data)
 
 
-class EventReader:
-    """Every event in a byte stream, in order (the chat translation reads them all)."""
+class _Events:
+    """The complete events of a byte stream, a chunk at a time: what arrives after the last
+    blank line is kept until the rest of its event comes."""
 
     def __init__(self) -> None:
         self._carry = b""
 
-    def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
+    def _complete(self, chunk: bytes) -> bytes:
+        """The complete events this chunk finishes (without their last separator), or b""."""
         data = _normalise(self._carry + chunk if self._carry else chunk)
         end = data.rfind(b"\n\n")
         if end < 0:
             self._carry = data if len(data) <= MAX_EVENT_BYTES else b""
-            return []
+            return b""
         self._carry = data[end + 2 :]
-        return [parse_event(block) for block in data[:end].split(b"\n\n") if block.strip()]
+        return data[:end]
+
+
+class EventReader(_Events):
+    """Every event in a byte stream, in order (the chat translation reads them all)."""
+
+    def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
+        done = self._complete(chunk)
+        return [parse_event(block) for block in done.split(b"\n\n") if block.strip()]
 
     def close(self) -> list[tuple[str, bytes]]:
         rest, self._carry = self._carry, b""
         return [parse_event(rest)] if rest.strip() else []
 
 
-class EventTap:
+class EventTap(_Events):
     """Only the named events of a byte stream: the rest is skipped with one substring search."""
 
     def __init__(self, names: Iterable[str]):
+        super().__init__()
         self._markers = tuple(f"event: {n}".encode() for n in names)
         self._names = frozenset(names)
-        self._carry = b""
 
     def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
-        data = _normalise(self._carry + chunk if self._carry else chunk)
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            self._carry = data if len(data) <= MAX_EVENT_BYTES else b""
-            return []
-        self._carry = data[end + 2 :]
-        done = data[:end]
+        done = self._complete(chunk)
         found: list[tuple[int, str, bytes]] = []
         for marker in self._markers:
             at = done.find(marker)
