@@ -208,3 +208,33 @@ def test_after_a_failover_the_other_accounts_keep_their_shares() -> None:
     assert abs(counts["b"] / steps - 50 / 60) < 0.02, counts
     rr = [pick(pool, RR, None, turn=t, rand=const(0.0), exclude=frozenset("b")) for t in range(4)]
     assert [c.account_id for c in rr if c] == ["a", "c", "c", "a"]
+
+
+def test_a_thread_whose_pin_waits_keeps_one_detour_and_threads_spread() -> None:
+    pool = Pool.build(
+        [Candidate("p", "rate_limited"), *(used(n, 20) for n in ("a", "b", "c", "d"))], NOW
+    )
+    rng = random.Random(3)
+    detours = {}
+    for thread in (f"t{i}" for i in range(200)):
+        picks = {
+            pick(pool, STICKY, Pin(thread, "p"), turn=rng.randrange(9), rand=rng.random)
+            for _ in range(5)
+        }
+        assert len(picks) == 1, picks  # every turn (and every process) agrees
+        (choice,) = picks
+        assert choice is not None
+        assert not choice.repin  # the pin waits for p
+        detours[thread] = choice.account_id
+    shares = {n: list(detours.values()).count(n) for n in "abcd"}
+    assert all(30 <= v <= 70 for v in shares.values()), shares
+
+
+def test_prefer_earlier_reset_counts_an_account_of_unknown_reset_in_the_bucket() -> None:
+    known = used("known", 10, 10, weekly_reset=NOW + 3600)
+    later = used("later", 10, 10, weekly_reset=NOW + 4 * 86400)
+    unknown = Candidate("unknown", "active")
+    prefer = Policy("usage_weighted", True, False)
+    pool = Pool.build([known, later, unknown], NOW)
+    picked = {pick(pool, prefer, None, turn=0, rand=const(i / 40)).account_id for i in range(40)}  # type: ignore[union-attr]
+    assert picked == {"known", "unknown"}

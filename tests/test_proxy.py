@@ -531,3 +531,33 @@ async def test_an_account_whose_tokens_are_dead_gets_no_more_traffic(
     fake.revoke(open_tokens(pool.h.parts.box, account.sealed_tokens).refresh_token)
     r = await pool.client.post(RESPONSES, json=body())
     assert (r.status_code, r.json()["error"]["code"]) == (503, "no_accounts")
+
+
+# --- an account's last units ------------------------------------------------------------------
+
+
+async def test_requests_in_flight_never_overshoot_an_accounts_last_units(
+    pool: Pool, fake: FakeUpstream
+) -> None:
+    await pool.add("acct-a")
+    # 8 units a (long) window: each request shows as 12.5 % more in the next answer's headers.
+    fake.configure(
+        "acct-a",
+        quota={"capacity": 8, "window_seconds": 600, "weekly_capacity": 1000},
+        delay_first_byte=0.3,
+    )
+    fake.quota_start()
+    for _ in range(2):  # two answers in a row: the proxy learns what one request costs
+        await pool.ask()
+    # 6 units left; 12 requests at once.
+    replies = await asyncio.gather(*(pool.client.post(RESPONSES, json=body()) for _ in range(12)))
+    statuses = sorted(r.status_code for r in replies)
+    assert statuses == [200] * 6 + [429] * 6, statuses
+    refused = [r.json()["error"] for r in replies if r.status_code == 429]
+    window_end = fake.quota()["accounts"]["acct-a"]["windows"][-1]["end"]
+    assert all(e["code"] == "usage_limit_reached" for e in refused)
+    assert all(abs(e["resets_at"] - window_end) <= 1 for e in refused), (refused, window_end)
+    # The upstream never had to refuse one: no request was sent beyond the last unit.
+    timeline = fake.quota()["timeline"]
+    assert [t["status"] for t in timeline].count(429) == 0
+    assert [t["status"] for t in timeline].count(200) == 8

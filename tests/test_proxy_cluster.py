@@ -193,3 +193,19 @@ def test_prefer_earlier_reset_accounts_narrows_to_the_earliest_weekly_bucket(
     assert set(cluster.spread(30)) == {"acct-b"}
     cluster.settings(prefer_earlier_reset_accounts=False)
     assert set(cluster.spread(30)) == {"acct-b", "acct-c"}
+
+
+def test_a_full_window_seen_on_one_process_takes_the_account_out_everywhere(
+    cluster: Cluster,
+) -> None:
+    cluster.add("acct-a", "acct-b")
+    cluster.settings(routing_strategy="round_robin", sticky_threads_enabled=False)
+    reset = int(time.time()) + 600
+    cluster.fake.configure("acct-a", primary_used_percent=100, primary_reset_at=reset)
+    served = []
+    while "acct-a" not in served:  # process 0 alone, until a answers "100 %"
+        served.append(cluster.ask(0))
+        assert len(served) < 4
+    time.sleep(0.1)  # within the propagation bound
+    assert {cluster.ask(i) for i in range(1, 25)} == {"acct-b"}
+    assert cluster.fake.stats()["accounts"]["acct-a"]["requests"] == 1

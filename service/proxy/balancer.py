@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -127,6 +128,24 @@ class _Group:
     def turn(self, turn: int) -> Candidate:
         return self.members[turn % len(self.members)]
 
+    def rendezvous(
+        self, key: str, exclude: frozenset[str], *, weighted: bool, now: float
+    ) -> Candidate | None:
+        """The member ``key`` hashes to highest (weighted by remaining capacity: each member
+        wins for a share of keys proportional to its weight), excluded ones left out. A stable
+        hash (crc32), so every process agrees."""
+        best: Candidate | None = None
+        best_score = -math.inf
+        for c in self.members:
+            if c.account_id in exclude:
+                continue
+            h = (zlib.crc32(f"{key}\x00{c.account_id}".encode()) + 0.5) / 2**32
+            weight = max(c.remaining(now), 1e-9) if weighted else 1.0
+            score = weight / -math.log(h)
+            if score > best_score:
+                best, best_score = c, score
+        return best
+
 
 @dataclass(frozen=True, slots=True)
 class Pool:
@@ -170,20 +189,20 @@ class Pool:
 
 
 def _earliest_bucket(eligible: list[Candidate], now: float) -> list[Candidate]:
+    """The eligible accounts with capacity whose weekly window resets within a day of the
+    earliest such reset; an account whose reset is not known yet counts as one of them (it may
+    well be the earliest, and only traffic to it can tell)."""
     with_capacity = [c for c in eligible if c.remaining(now) > 0]
-    resets = [
-        c.secondary.reset_at
-        for c in with_capacity
-        if c.secondary.reset_at is not None and c.secondary.reset_at > now
-    ]
+
+    def reset(c: Candidate) -> float | None:
+        at = c.secondary.reset_at
+        return at if at is not None and at > now else None
+
+    resets = [at for c in with_capacity if (at := reset(c)) is not None]
     if not resets:
         return eligible
-    first = min(resets)
-    return [
-        c
-        for c in with_capacity
-        if c.secondary.reset_at is not None and c.secondary.reset_at < first + RESET_BUCKET_SECONDS
-    ]
+    last = min(resets) + RESET_BUCKET_SECONDS
+    return [c for c in with_capacity if (at := reset(c)) is None or at < last]
 
 
 def pin_decides(
@@ -232,6 +251,15 @@ def pick(
         repin = pinned is None or not (pinned.status in LIMITED or pinned.account_id in exclude)
     group = pool.earliest if policy.prefer_earlier_reset_accounts else pool.eligible
     rr = policy.routing_strategy == "round_robin"
+    if pin is not None and not repin:
+        # The pin waits for its account; meanwhile the thread's turns go to one account too,
+        # the same on every process (rendezvous hashing on the thread id), not a new one each.
+        detour = group.rendezvous(pin.thread_id, exclude, weighted=not rr, now=pool.built_at)
+        if detour is None and policy.prefer_earlier_reset_accounts:
+            detour = pool.eligible.rendezvous(
+                pin.thread_id, exclude, weighted=not rr, now=pool.built_at
+            )
+        return None if detour is None else Choice(detour.account_id, pinned=False)
     if exclude and group.members:
         # Drawing again until the account is not excluded picks from exactly the remaining
         # accounts' shares, without preparing a group for them (a few tries, then we do).

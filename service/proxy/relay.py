@@ -125,8 +125,15 @@ class Relay:
         )
 
     async def _choose(
-        self, policy: Policy, thread_id: str | None, pinned_to: str | None, failed: frozenset[str]
+        self,
+        policy: Policy,
+        thread_id: str | None,
+        pinned_to: str | None,
+        failed: frozenset[str],
+        spoken: set[str],
     ) -> Choice | None:
+        """The next account to try; ``spoken`` gathers those passed over because their last
+        units are already spoken for."""
         pool = self.view.current(time.time())
         pin = None if thread_id is None or pinned_to is None else Pin(thread_id, pinned_to)
         turn = 0
@@ -140,28 +147,44 @@ class Relay:
                 return choice
             # Its last units are already spoken for by requests on their way: another account
             # (a pin is skipped, not moved, like a limited one).
+            spoken.add(choice.account_id)
             skip = skip | {choice.account_id}
 
     def _inflight(self, choice: Choice) -> int:
         return self.inflight.get(choice.account_id, 0)
 
-    def _refusal(self) -> ServiceError:
+    def _refusal(self, spoken: set[str]) -> ServiceError:
         """Why no account could be picked: every serving account held back by its usage
-        limit (429 with the earliest reset), or none at all (503, which clients retry)."""
-        pool = self.view.current(time.time())
-        if not pool.all_limited():
+        limit, or with its last units already spoken for by requests under way (429 with the
+        earliest reset), or none at all (503, which clients retry)."""
+        now = time.time()
+        pool = self.view.current(now)
+        if pool.all_limited():
+            return UsageLimitReached(pool.recovers_at() or now + UNKNOWN_RESET_SECONDS)
+        serving = {c.account_id for c in pool.eligible.members}
+        if not spoken or not serving <= spoken:
             return NoAccounts()
-        return UsageLimitReached(pool.recovers_at() or time.time() + UNKNOWN_RESET_SECONDS)
+        # Each gets units back when its window resets (the short one, if known).
+        resets = [
+            at
+            for i in spoken
+            if (c := pool.by_id.get(i)) is not None
+            and (at := c.primary.reset_at or c.secondary.reset_at) is not None
+            and at > now
+        ]
+        resets += [c.available_at for c in pool.candidates if c.usage_limited and c.available_at]
+        return UsageLimitReached(min(resets, default=now + UNKNOWN_RESET_SECONDS))
 
     async def open(self, out: Outgoing) -> Answer:
         policy = self._policy()
         sticky = policy.sticky_threads_enabled and out.thread_id is not None
         pinned_to = await self.routing.pinned(out.thread_id) if sticky and out.thread_id else None
         failed: set[str] = set()
+        spoken: set[str] = set()
         broken = 0  # accounts whose upstream failed (5xx) or did not answer
         limits: list[float] = []  # accounts that answered 429: when each recovers
         for attempt in range(1, MAX_ACCOUNTS + 1):
-            choice = await self._choose(policy, out.thread_id, pinned_to, frozenset(failed))
+            choice = await self._choose(policy, out.thread_id, pinned_to, frozenset(failed), spoken)
             if choice is None:
                 break
             account = self.accounts.accounts.get(choice.account_id)
@@ -212,7 +235,7 @@ class Relay:
         if limits:
             recovers = self.view.current(time.time()).recovers_at()
             raise UsageLimitReached(min([*limits, recovers] if recovers else limits))
-        raise self._refusal()
+        raise self._refusal(spoken)
 
     async def _send(self, account: AccountState, out: Outgoing) -> aiohttp.ClientResponse | None:
         """The upstream's answer on ``account`` (a 401 refreshes the token and tries once more),
