@@ -21,7 +21,8 @@ had room when) then gives five figures per run:
 1. No avoidable limit: when the first client-visible 429/503 came, the share of the capacity of
    the windows begun by then that was spent (spent / (spent + still usable + expired unspent),
    the weekly window capping what a short window could give); and the client errors while some
-   account had room as far as its last upstream answer said (known room; target 0) or in truth.
+   account had room as far as its last upstream answer said, less the requests sent to it since
+   that were still unanswered (known room; target 0), or in truth.
 2. Upstream 429s as a share of upstream requests.
 3. Upstream requests per client request (failover attempts).
 4. Stickiness: turns served by the account of the thread's previous turn, among turns whose
@@ -421,12 +422,18 @@ class Known:
     weekly_full: bool
     weekly_end: float
     tag: str | None
+    # Units left in both windows as it said (None: a window's size unknown).
+    left: int | None = None
 
-    def room(self, now: float) -> bool:
-        return not (
-            (self.short_full and self.short_end > now)
-            or (self.weekly_full and self.weekly_end > now)
-        )
+    def room(self, now: float, in_flight: int = 0) -> bool:
+        """Room for one more request at ``now``, as this answer said, once the requests sent
+        after it and still unanswered have taken theirs (a window that ended is fresh)."""
+        if (self.short_full and self.short_end > now) or (
+            self.weekly_full and self.weekly_end > now
+        ):
+            return False
+        ended = self.short_end <= now or self.weekly_end <= now
+        return ended or self.left is None or self.left - in_flight > 0
 
 
 class Truth:
@@ -445,6 +452,11 @@ class Truth:
         self.answers: dict[str, list[Known]] = collections.defaultdict(list)
         for event in sorted(self.timeline, key=lambda e: e["answered"]):
             short_cap, weekly_cap = event["short_capacity"], event["weekly_capacity"]
+            lefts = [
+                cap - event[spent]
+                for cap, spent in ((short_cap, "short_spent"), (weekly_cap, "weekly_spent"))
+                if cap is not None and event[spent] is not None
+            ]
             self.answers[event["account_id"]].append(
                 Known(
                     at=event["answered"],
@@ -453,6 +465,7 @@ class Truth:
                     weekly_full=weekly_cap is not None and event["weekly_spent"] >= weekly_cap,
                     weekly_end=event["weekly_end"],
                     tag=event["tag"],
+                    left=min(lefts) if len(lefts) == 2 else None,
                 )
             )
         self.answer_times = {a: [k.at for k in ks] for a, ks in self.answers.items()}
@@ -467,11 +480,23 @@ class Truth:
         return self.answers[account][i] if i >= 0 else None
 
     def known_room(self, at: float) -> list[str]:
-        """Accounts with room as far as their last answers said (never answered: room)."""
+        """Accounts with room as far as their last answers said (never answered: room), less
+        what the requests sent to them since, still unanswered at ``at``, are taking: the proxy
+        knows its own requests in flight."""
         out = []
         for account in self.accounts:
             last = self.last_answer(account.name, at)
-            if last is None or last.room(at):
+            if last is None:
+                out.append(account.name)
+                continue
+            in_flight = sum(
+                1
+                for e in self.timeline
+                if e["account_id"] == account.name
+                and e["spent"]
+                and last.at < e["time"] <= at < e["answered"]
+            )
+            if last.room(at, in_flight):
                 out.append(account.name)
         return out
 

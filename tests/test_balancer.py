@@ -65,9 +65,15 @@ def test_a_pin_decides_while_its_account_is_eligible_and_sticky_threads_are_on()
 
 def test_a_limited_pin_is_skipped_but_kept_and_a_paused_or_deleted_one_moves() -> None:
     limited = [Candidate("a", "active"), Candidate("b", "rate_limited")]
-    assert choose(limited, STICKY, Pin("t", "b")) == Choice("a", pinned=False, repin=False)
+    # Skipped, kept, and a to remember as the thread's detour meanwhile.
+    detour = Choice("a", pinned=False, repin=False, detour=True)
+    assert choose(limited, STICKY, Pin("t", "b")) == detour
     weekly = [Candidate("a", "active"), Candidate("b", "quota_exceeded")]
-    assert choose(weekly, STICKY, Pin("t", "b")) == Choice("a", pinned=False, repin=False)
+    assert choose(weekly, STICKY, Pin("t", "b")) == detour
+    # A detour already remembered is kept while it can serve.
+    three = [*limited, Candidate("c", "active")]
+    assert choose(three, STICKY, Pin("t", "b", "c")) == Choice("c", pinned=False)
+    assert choose(three, STICKY, Pin("t", "b", "gone")).detour  # type: ignore[union-attr]
     paused = [Candidate("a", "active"), Candidate("b", "paused")]
     assert choose(paused, STICKY, Pin("t", "b")) == Choice("a", pinned=False, repin=True)
     reauth = [Candidate("a", "active"), Candidate("b", "reauth_required")]
@@ -77,7 +83,7 @@ def test_a_limited_pin_is_skipped_but_kept_and_a_paused_or_deleted_one_moves() -
     # A pin this request already failed on is skipped for the retry, not moved.
     both = [Candidate("a", "active"), Candidate("b", "active")]
     failed = choose(both, STICKY, Pin("t", "b"), exclude=frozenset({"b"}))
-    assert failed == Choice("a", pinned=False, repin=False)
+    assert failed == detour
 
 
 def test_usage_weighted_shares_follow_remaining_capacity() -> None:

@@ -377,7 +377,12 @@ async def test_sticky_threads_keep_their_account_and_limited_pins_are_kept(
     assert elsewhere != pinned
     account_id = pool.ids[pinned]
     stored = await pool.h.parts.routing.pinned("t1")
-    assert stored == account_id
+    assert stored is not None
+    assert stored.account_id == account_id
+    # Meanwhile the thread stays on one detour, remembered beside the pin.
+    assert stored.detour == pool.ids[elsewhere]
+    for _ in range(3):
+        assert (await pool.ask(headers={"session_id": "t1"}))[1] == elsewhere
     # Recovered (the cooldown ends): back on its account.
     from service.accounts.domain import Cooldown, HotState
 
@@ -402,7 +407,7 @@ async def test_a_paused_or_deleted_pin_moves_and_sticky_off_routes_afresh(
         await asyncio.sleep(0.01)
     assert (await pool.ask(headers={"session_id": "t"}))[1] == other
     deadline = time.monotonic() + 3
-    while await pool.h.parts.routing.pinned("t") != pool.ids[other]:
+    while (await pool.h.parts.routing.pinned("t") or (None,))[0] != pool.ids[other]:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)
     await pool.client.post(f"/api/accounts/{pool.ids[pinned]}/resume")

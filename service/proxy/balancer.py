@@ -86,10 +86,12 @@ class Policy:
 
 @dataclass(frozen=True, slots=True)
 class Pin:
-    """The account a conversation thread was last served by."""
+    """The account a conversation thread is pinned to, and where its turns go while that
+    account waits for its limit to lift (``detour``)."""
 
     thread_id: str
     account_id: str
+    detour: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +102,8 @@ class Choice:
     # The thread's pin should now name this account: the thread had none, or its account was
     # paused or deleted. False when the pin decided, or when its account is only limited.
     repin: bool = False
+    # The thread's pin waits and this is a new detour for it, to remember.
+    detour: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,23 +132,17 @@ class _Group:
     def turn(self, turn: int) -> Candidate:
         return self.members[turn % len(self.members)]
 
-    def rendezvous(
-        self, key: str, exclude: frozenset[str], *, weighted: bool, now: float
-    ) -> Candidate | None:
-        """The member ``key`` hashes to highest (weighted by remaining capacity: each member
-        wins for a share of keys proportional to its weight), excluded ones left out. A stable
-        hash (crc32), so every process agrees."""
-        best: Candidate | None = None
-        best_score = -math.inf
-        for c in self.members:
-            if c.account_id in exclude:
-                continue
-            h = (zlib.crc32(f"{key}\x00{c.account_id}".encode()) + 0.5) / 2**32
-            weight = max(c.remaining(now), 1e-9) if weighted else 1.0
-            score = weight / -math.log(h)
-            if score > best_score:
-                best, best_score = c, score
-        return best
+    def rendezvous(self, key: str, exclude: frozenset[str]) -> Candidate | None:
+        """The member ``key`` hashes highest with, excluded ones left out: the same member for
+        as long as it stays in the group, whatever else joins or leaves (weights would move it
+        with every answer), and the same on every process (crc32, not Python's salted hash)."""
+        scored = (
+            (zlib.crc32(f"{key}\x00{c.account_id}".encode()), c)
+            for c in self.members
+            if c.account_id not in exclude
+        )
+        best = max(scored, key=lambda sc: sc[0], default=None)
+        return None if best is None else best[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,14 +250,17 @@ def pick(
     group = pool.earliest if policy.prefer_earlier_reset_accounts else pool.eligible
     rr = policy.routing_strategy == "round_robin"
     if pin is not None and not repin:
-        # The pin waits for its account; meanwhile the thread's turns go to one account too,
-        # the same on every process (rendezvous hashing on the thread id), not a new one each.
-        detour = group.rendezvous(pin.thread_id, exclude, weighted=not rr, now=pool.built_at)
+        # The pin waits for its account; meanwhile the thread's turns go to one account too:
+        # its detour while that can serve, else a new one, the same on every process
+        # (rendezvous hashing on the thread id), remembered beside the pin.
+        if pin.detour is not None and pin.detour not in exclude:
+            kept = pool.by_id.get(pin.detour)
+            if kept is not None and kept.eligible:
+                return Choice(kept.account_id, pinned=False)
+        detour = group.rendezvous(pin.thread_id, exclude)
         if detour is None and policy.prefer_earlier_reset_accounts:
-            detour = pool.eligible.rendezvous(
-                pin.thread_id, exclude, weighted=not rr, now=pool.built_at
-            )
-        return None if detour is None else Choice(detour.account_id, pinned=False)
+            detour = pool.eligible.rendezvous(pin.thread_id, exclude)
+        return None if detour is None else Choice(detour.account_id, pinned=False, detour=True)
     if exclude and group.members:
         # Drawing again until the account is not excluded picks from exactly the remaining
         # accounts' shares, without preparing a group for them (a few tries, then we do).

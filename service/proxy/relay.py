@@ -40,7 +40,7 @@ from service.proxy.balancer import (
 )
 from service.proxy.candidates import PoolView
 from service.proxy.learning import Learner
-from service.proxy.routing_state import RoutingState
+from service.proxy.routing_state import Pinned, RoutingState
 from service.proxy.upstream import make_session, request_headers
 from service.settings.live import LiveSettings
 
@@ -100,9 +100,9 @@ class Relay:
         self.learner = learner
         self.tokens = tokens
         self.box = box
-        # Requests sent to each account whose answer has not come back yet: they are spending
-        # its units, which its answers' headers do not count yet.
-        self.inflight: dict[str, int] = {}
+        # When each request still waiting for its answer was sent, by account: those sent after
+        # the account's last known usage are spending units that usage does not count yet.
+        self.inflight: dict[str, list[float]] = {}
         # Opened tokens by account, for the tokens version they were opened at: opening is a
         # decryption, not something to do on every request.
         self._opened: dict[str, tuple[int, Tokens]] = {}
@@ -128,14 +128,18 @@ class Relay:
         self,
         policy: Policy,
         thread_id: str | None,
-        pinned_to: str | None,
+        pinned_to: Pinned | None,
         failed: frozenset[str],
         spoken: set[str],
     ) -> Choice | None:
         """The next account to try; ``spoken`` gathers those passed over because their last
         units are already spoken for."""
         pool = self.view.current(time.time())
-        pin = None if thread_id is None or pinned_to is None else Pin(thread_id, pinned_to)
+        pin = (
+            None
+            if thread_id is None or pinned_to is None
+            else Pin(thread_id, pinned_to.account_id, pinned_to.detour)
+        )
         turn = 0
         if needs_turn(policy) and not pin_decides(pool, policy, pin, failed):
             turn = await self.routing.next_turn()
@@ -151,7 +155,14 @@ class Relay:
             skip = skip | {choice.account_id}
 
     def _inflight(self, choice: Choice) -> int:
-        return self.inflight.get(choice.account_id, 0)
+        """Requests on their way to the account that its last known usage cannot count: sent
+        after that usage was learned. (The upstream counts a request when it arrives, so the
+        ones sent earlier are already in the percent it reported.)"""
+        sent = self.inflight.get(choice.account_id)
+        if not sent:
+            return 0
+        known_at = self.view.states.get(choice.account_id).usage_at
+        return sum(1 for at in sent if at > known_at)
 
     def _refusal(self, spoken: set[str]) -> ServiceError:
         """Why no account could be picked: every serving account held back by its usage
@@ -227,8 +238,13 @@ class Relay:
                 response.release()
                 continue
             self.learner.served(account.id, now)
-            if sticky and out.thread_id is not None and choice.repin:
-                self.routing.pin(out.thread_id, account.id, replace=pinned_to is not None)
+            if sticky and out.thread_id is not None:
+                if choice.repin:
+                    self.routing.pin(out.thread_id, account.id, replace=pinned_to is not None)
+                elif choice.detour and pinned_to is not None:
+                    self.routing.pin(
+                        out.thread_id, pinned_to.account_id, replace=True, detour=account.id
+                    )
             return Answer(response, account.id, choice.pinned, attempt)
         if broken:
             raise UpstreamUnavailable()
@@ -268,7 +284,9 @@ class Relay:
         headers = request_headers(out.headers, tokens.access_token, account.chatgpt_account_id)
         if self.session is None:
             raise NotReady("codex-lb is not ready to serve requests")
-        self.inflight[account.id] = self.inflight.get(account.id, 0) + 1
+        sent_at = time.time()
+        waiting = self.inflight.setdefault(account.id, [])
+        waiting.append(sent_at)
         try:
             return await self.session.request(
                 out.method, self.base + out.path, data=out.body or None, headers=headers
@@ -277,11 +295,9 @@ class Relay:
             log.warning("account %s: the upstream could not be reached (%s)", account.id, exc)
             return None
         finally:
-            left = self.inflight[account.id] - 1
-            if left:
-                self.inflight[account.id] = left
-            else:
-                del self.inflight[account.id]
+            waiting.remove(sent_at)
+            if not waiting:
+                self.inflight.pop(account.id, None)
 
     def _learn_headers(self, account_id: str, response: aiohttp.ClientResponse, now: float) -> None:
         usage = ratelimits.from_headers(response.headers, now)

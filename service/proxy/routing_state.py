@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import itertools
 import logging
+from typing import NamedTuple
 
 from redis.exceptions import RedisError
 
@@ -27,6 +28,16 @@ PIN_TTL_SECONDS = 7 * 24 * 3600
 # How long a request waits for the shared routing state before routing without it.
 LOOKUP_SECONDS = 0.5
 _FAILURES = (StoreUnavailable, StoreError, RedisError, OSError, TimeoutError)
+
+
+# A pin is stored as the account id, or the account id and the detour's, tab-separated.
+_DETOUR = "\t"
+
+
+class Pinned(NamedTuple):
+    account_id: str
+    # Where the thread's turns go while its pinned account waits for its limit to lift.
+    detour: str | None
 
 
 def thread_key(thread_id: str) -> str:
@@ -47,20 +58,23 @@ class RoutingState:
         # come before the write lands, and must find its pin all the same.
         self._unconfirmed: dict[str, str] = {}
 
-    async def pinned(self, thread_id: str) -> str | None:
-        """The account the thread is pinned to, sliding the pin's lifetime; None when unknown
+    async def pinned(self, thread_id: str) -> Pinned | None:
+        """The thread's pin (and its detour), sliding the pin's lifetime; None when unknown
         (or Redis is slow to say)."""
         key = self.keys.pin + thread_key(thread_id)
         unconfirmed = self._unconfirmed.get(key)
-        if unconfirmed is not None:
-            return unconfirmed
-        try:
-            async with asyncio.timeout(LOOKUP_SECONDS):
-                value = await self.conn.call(lambda: self.client.getex(key, ex=self.ttl))
-        except _FAILURES as exc:
-            log.warning("thread pin lookup failed (%s); routing without it", type(exc).__name__)
-            return None
-        return None if value is None else text(value)
+        if unconfirmed is None:
+            try:
+                async with asyncio.timeout(LOOKUP_SECONDS):
+                    value = await self.conn.call(lambda: self.client.getex(key, ex=self.ttl))
+            except _FAILURES as exc:
+                log.warning("thread pin lookup failed (%s); routing without it", type(exc).__name__)
+                return None
+            if value is None:
+                return None
+            unconfirmed = text(value)
+        account_id, _, detour = unconfirmed.partition(_DETOUR)
+        return Pinned(account_id, detour or None)
 
     async def next_turn(self) -> int:
         """The next round-robin turn, counted across every process."""
@@ -71,21 +85,25 @@ class RoutingState:
             log.warning("round-robin counter failed (%s); counting locally", type(exc).__name__)
             return next(self._local_turns)
 
-    def pin(self, thread_id: str, account_id: str, *, replace: bool) -> None:
-        """Pin the thread to the account, off the request's path. A new pin does not overwrite
-        one another process wrote meanwhile (first turn wins); a moved pin does."""
+    def pin(
+        self, thread_id: str, account_id: str, *, replace: bool, detour: str | None = None
+    ) -> None:
+        """Pin the thread to the account (and, while that account waits for its limit to lift,
+        to a ``detour``), off the request's path. A new pin does not overwrite one another
+        process wrote meanwhile (first turn wins); a moved pin, or a detour, does."""
         key = self.keys.pin + thread_key(thread_id)
-        self._unconfirmed[key] = account_id
+        value = account_id if detour is None else f"{account_id}{_DETOUR}{detour}"
+        self._unconfirmed[key] = value
 
         async def write() -> None:
             try:
                 await self.conn.call(
-                    lambda: self.client.set(key, account_id, ex=self.ttl, nx=not replace)
+                    lambda: self.client.set(key, value, ex=self.ttl, nx=not replace)
                 )
             except _FAILURES as exc:
                 log.warning("thread pin write failed (%s)", type(exc).__name__)
             finally:
-                if self._unconfirmed.get(key) == account_id:
+                if self._unconfirmed.get(key) == value:
                     del self._unconfirmed[key]
 
         task = asyncio.create_task(write(), name="pin thread")

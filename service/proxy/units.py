@@ -94,5 +94,9 @@ def _left(step: float | None, used: float | None, reset_at: float | None, now: f
         return None
     if reset_at is not None and reset_at <= now:
         return None  # a fresh window: its size is not this one's business
-    # A hair of tolerance: 100 - 97.5 over a step of 2.5 is one request, not 0.9999.
-    return max(0, math.floor((100.0 - used) / step + 1e-6))
+    if used >= 100.0:
+        return 0
+    # A hair of tolerance: 100 - 97.5 over a step of 2.5 is one request, not 0.9999. A window
+    # not full takes at least one more, whatever the step seemed (seen from several processes,
+    # a rise can span several requests).
+    return max(1, math.floor((100.0 - used) / step + 1e-6))
