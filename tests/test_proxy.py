@@ -270,9 +270,13 @@ async def test_all_limited_is_429_usage_limit_reached_with_the_earliest_reset(
     assert error["type"] == error["code"] == "usage_limit_reached"
     assert abs(error["resets_at"] - (now + 300)) <= 2
     assert int(r.headers["retry-after"]) > 200
-    # Known limited: answered at once, nothing sent upstream.
     before = fake.stats()["total"]
+    # Known limited: answered at once (no hold, no keep-alives), nothing sent upstream.
+    fake.configure("acct-a", delay_first_byte=5)
+    fake.configure("acct-b", delay_first_byte=5)
+    started = time.monotonic()
     r = await pool.client.post(RESPONSES, json=body())
+    assert time.monotonic() - started < 0.5
     assert r.status_code == 429
     assert fake.stats()["total"] == before
     assert abs(r.json()["error"]["resets_at"] - (now + 300)) <= 2

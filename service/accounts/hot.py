@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -137,6 +138,8 @@ class LiveAccountStates:
         self.states: dict[str, HotState] = {}
         # Bumped on every change, so a view made from the states knows when to be made again.
         self.generation = 0
+        # Told of every new usage, whichever process learned it: (account, before, after).
+        self.usage_watchers: list[Callable[[str, Usage | None, Usage], None]] = []
         self._loaded = False
         self._resyncs: set[asyncio.Task[None]] = set()
 
@@ -188,6 +191,9 @@ class LiveAccountStates:
         # from the states is not made again for every answer's echo.
         if (after.usage, after.cooldown) != (before.usage, before.cooldown):
             self.generation += 1
+        if after.usage_at != before.usage_at:
+            for watch in self.usage_watchers:
+                watch(account_id, before.usage if before.usage_at else None, after.usage)
 
     def _resync_one(self, account_id: str) -> None:
         """Read one account's state again (a message we could not read)."""

@@ -84,7 +84,8 @@ class Learner:
     def __init__(self, states: LiveAccountStates, store: HotStore, steps: UnitSteps):
         self.states = states
         self.store = store
-        self.steps = steps
+        # Every process's answers teach what a request costs, not only this one's.
+        states.usage_watchers.append(steps.observe)
         self._pending: dict[str, _Pending] = {}
         self._used_shared: dict[str, float] = {}
         self._wake = asyncio.Event()
@@ -99,7 +100,6 @@ class Learner:
             usage = _no_going_back(known.usage, usage)
             if _same(known.usage, usage):
                 return
-        self.steps.observe(account_id, known.usage if known.usage_at else None, usage)
         self.states.observe(account_id, HotState(usage=usage, usage_at=at))
         self._queue(account_id).usage = (at, usage)
 
