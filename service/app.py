@@ -53,6 +53,7 @@ from service.proxy.gate import Admission, ApiKeyGate
 from service.proxy.lane import ProxyLane
 from service.proxy.learning import Learner
 from service.proxy.relay import Relay
+from service.proxy.reservations import Reservations
 from service.proxy.routing_state import RoutingState
 from service.proxy.units import UnitSteps
 from service.settings import routes as settings_routes
@@ -140,6 +141,7 @@ def wire(config: Config, redis_url: str) -> Parts:
         learner,
         tokens,
         box,
+        Reservations(conn),
     )
     parts = Parts(
         config=config,

@@ -213,3 +213,27 @@ def test_a_full_window_seen_on_one_process_takes_the_account_out_everywhere(
     time.sleep(0.1)  # within the propagation bound
     assert {cluster.ask(i) for i in range(1, 25)} == {"acct-b"}
     assert cluster.fake.stats()["accounts"]["acct-a"]["requests"] == 1
+
+
+def test_an_accounts_last_units_are_not_overshot_by_requests_from_several_processes(
+    cluster: Cluster,
+) -> None:
+    cluster.add("acct-a")
+    cluster.fake.configure(
+        "acct-a",
+        quota={"capacity": 8, "window_seconds": 600, "weekly_capacity": 1000},
+        delay_first_byte=0.3,
+    )
+    cluster.fake.quota_start()
+    for i in range(2):  # two answers, seen by every process: one request costs 12.5 %
+        cluster.ask(i)
+    time.sleep(0.2)
+
+    def one(i: int) -> int:
+        r = cluster.clients[i % 3].post(RESPONSES, json=body(stream=False))
+        return r.status_code
+
+    statuses = sorted(cluster.pool.map(one, range(12)))
+    assert statuses == [200] * 6 + [429] * 6, statuses
+    timeline = cluster.fake.quota()["timeline"]
+    assert [t["status"] for t in timeline].count(429) == 0  # the upstream never had to refuse

@@ -45,6 +45,9 @@ class Keyspace:
         # round-robin counter
         self.pin = f"{prefix}pin:"  # + sha256 of the thread id, hex
         self.round_robin = f"{prefix}round_robin"
+        # requests on their way to an account near the end of its units: a sorted set per
+        # account, member a request id, score when it was sent
+        self.reserve = f"{prefix}reserve:"  # + account id
         # one-at-a-time work and idempotent writes
         self.lease = f"{prefix}lease:"  # + lease name
         self.write_id = f"{prefix}write:"  # + random id

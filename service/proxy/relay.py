@@ -40,6 +40,7 @@ from service.proxy.balancer import (
 )
 from service.proxy.candidates import PoolView
 from service.proxy.learning import Learner
+from service.proxy.reservations import RESERVE_BELOW, Reservations
 from service.proxy.routing_state import Pinned, RoutingState
 from service.proxy.upstream import make_session, request_headers
 from service.settings.live import LiveSettings
@@ -89,6 +90,7 @@ class Relay:
         learner: Learner,
         tokens: TokenManager,
         box: SecretBox,
+        reservations: Reservations,
     ):
         # Made when the process starts serving (aiohttp wants a running loop): ``start``.
         self.session: aiohttp.ClientSession | None = None
@@ -100,6 +102,7 @@ class Relay:
         self.learner = learner
         self.tokens = tokens
         self.box = box
+        self.reservations = reservations
         # When each request still waiting for its answer was sent, by account: those sent after
         # the account's last known usage are spending units that usage does not count yet.
         self.inflight: dict[str, list[float]] = {}
@@ -131,9 +134,9 @@ class Relay:
         pinned_to: Pinned | None,
         failed: frozenset[str],
         spoken: set[str],
-    ) -> Choice | None:
-        """The next account to try; ``spoken`` gathers those passed over because their last
-        units are already spoken for."""
+    ) -> tuple[Choice, str] | None:
+        """The next account to try, and the unit reserved for it ("" if none was needed);
+        ``spoken`` gathers those passed over because their last units are spoken for."""
         pool = self.view.current(time.time())
         pin = (
             None
@@ -147,12 +150,22 @@ class Relay:
         skip = failed
         while True:
             choice = pick(pool, policy, pin, turn=turn, rand=random.random, exclude=skip)
-            if choice is None or not saturated(pool, choice.account_id, self._inflight(choice)):
-                return choice
+            if choice is None:
+                return None
+            account_id = choice.account_id
+            if not saturated(pool, account_id, self._inflight(choice)):
+                units = pool.by_id[account_id].remaining_units
+                if units is None or units > RESERVE_BELOW:
+                    return choice, ""
+                # Its last units: take one where every process sees it.
+                known_at = self.view.states.get(account_id).usage_at
+                unit = await self.reservations.take(account_id, units, known_at)
+                if unit is not None:
+                    return choice, unit
             # Its last units are already spoken for by requests on their way: another account
             # (a pin is skipped, not moved, like a limited one).
-            spoken.add(choice.account_id)
-            skip = skip | {choice.account_id}
+            spoken.add(account_id)
+            skip = skip | {account_id}
 
     def _inflight(self, choice: Choice) -> int:
         """Requests on their way to the account that its last known usage cannot count: sent
@@ -195,11 +208,13 @@ class Relay:
         broken = 0  # accounts whose upstream failed (5xx) or did not answer
         limits: list[float] = []  # accounts that answered 429: when each recovers
         for attempt in range(1, MAX_ACCOUNTS + 1):
-            choice = await self._choose(policy, out.thread_id, pinned_to, frozenset(failed), spoken)
-            if choice is None:
+            chosen = await self._choose(policy, out.thread_id, pinned_to, frozenset(failed), spoken)
+            if chosen is None:
                 break
+            choice, unit = chosen
             account = self.accounts.accounts.get(choice.account_id)
             if account is None:  # deleted between the pick and now
+                self.reservations.give_back(choice.account_id, unit)
                 failed.add(choice.account_id)
                 continue
             failed.add(account.id)
@@ -214,6 +229,9 @@ class Relay:
                 log.warning("account %s skipped: %s", account.id, exc)
                 self.learner.failed(account.id, time.time(), None)
                 continue
+            finally:
+                # The answer's usage (learned below) counts the request from now on.
+                self.reservations.give_back(account.id, unit)
             now = time.time()
             if response is None:
                 broken += 1
