@@ -798,15 +798,10 @@ def _drop(request: web.Request) -> web.Response:
 
 async def responses(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
-    state = _state(request)
-    raw = await request.read()
-    try:
-        account_id = _authorize(request, state)
-    except _Refused as refused:
-        return _refuse(state, request, raw, refused.response)
-    account = state.account(account_id)
-    account.requests += 1
-    entry = state.record(request, account_id, raw)
+    admitted = await _admitted(request)
+    if isinstance(admitted, web.Response):
+        return admitted
+    state, account, account_id, raw, entry = admitted
     behaviour = account.behaviour
     now = time.time()
     failure = account.take_failure()
@@ -947,7 +942,10 @@ def _compact(body: dict[str, Any], raw: bytes, headers: dict[str, str]) -> web.R
     return web.Response(body=_encode(reply), content_type="application/json", headers=headers)
 
 
-async def _guarded(request: web.Request) -> tuple[FakeState, AccountState, str] | web.Response:
+async def _admitted(
+    request: web.Request,
+) -> tuple[FakeState, AccountState, str, bytes, dict[str, Any]] | web.Response:
+    """The request's credentials checked, counted and recorded; or the refusal to answer."""
     state = _state(request)
     raw = await request.read()
     try:
@@ -956,8 +954,17 @@ async def _guarded(request: web.Request) -> tuple[FakeState, AccountState, str] 
         return _refuse(state, request, raw, refused.response)
     account = state.account(account_id)
     account.requests += 1
+    return state, account, account_id, raw, state.record(request, account_id, raw)
+
+
+async def _guarded(request: web.Request) -> tuple[FakeState, AccountState, str] | web.Response:
+    """``_admitted``, for the routes that always answer 200 once admitted."""
+    admitted = await _admitted(request)
+    if isinstance(admitted, web.Response):
+        return admitted
+    state, account, account_id, _, entry = admitted
     account.statuses[200] += 1
-    state.record(request, account_id, raw)["status"] = 200
+    entry["status"] = 200
     return state, account, account_id
 
 

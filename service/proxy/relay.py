@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -73,7 +73,6 @@ class Answer:
     account_id: str
     pinned: bool
     attempts: int
-    started: float = field(default_factory=time.monotonic)
 
     def release(self) -> None:
         self.response.release()

@@ -122,13 +122,12 @@ class ProxyRoutes:
         upstream = answer.response
         sse = upstream.content_type == "text/event-stream"
         account_id = answer.account_id
-
-        def on_event(name: str, data: bytes) -> None:
-            if name == "codex.rate_limits":
-                self.relay.learn_event(account_id, data)
-
         headers = response_headers(upstream.headers)
-        return Streamed(answer, headers, Passthrough(on_event, sse=sse))
+        return Streamed(
+            answer,
+            headers,
+            Passthrough(lambda name, data: self._learn(account_id, name, data), sse=sse),
+        )
 
     async def _forward(self, request: Request, path: str) -> Streamed:
         body = await _body(request)

@@ -95,8 +95,6 @@ class Streamed(Response):
         answer: Answer,
         headers: list[tuple[bytes, bytes]],
         filter: Filter,
-        *,
-        on_close: Callable[[], None] | None = None,
     ):
         # Not Response.__init__: there is no body to render; only what a route's caller reads.
         self.status_code = answer.response.status
@@ -104,7 +102,6 @@ class Streamed(Response):
         self.answer = answer
         self.header_list = headers
         self.filter = filter
-        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         upstream = self.answer.response
@@ -132,8 +129,6 @@ class Streamed(Response):
                 self.answer.release()
             else:
                 upstream.close()
-            if self.on_close is not None:
-                self.on_close()
 
     async def _pump(self, upstream: aiohttp.ClientResponse, send: Send) -> bytes:
         """Copy the upstream's chunks; the bytes to end with.

@@ -64,9 +64,6 @@ class UnitSteps:
         ]
         return min(left) if left else None
 
-    def forget(self, account_id: str) -> None:
-        self._steps.pop(account_id, None)
-
 
 def same_window(a: float | None, b: float | None) -> bool:
     """Two answers speak of one window: the same reset time (computed from reset-after-seconds,
