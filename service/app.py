@@ -46,7 +46,9 @@ from service.core.hub import Hub
 from service.core.leases import Leases
 from service.core.secret_box import EncryptionKeyError, SecretBox, load_key
 from service.core.workers import WorkerRegistry
-from service.ops import health, openapi
+from service.ops import health, openapi, usage_routes
+from service.ops.log_writer import RequestLogWriter
+from service.ops.request_log import RequestLogStore
 from service.proxy import routes as proxy_routes
 from service.proxy.candidates import PoolView
 from service.proxy.gate import Admission, ApiKeyGate
@@ -55,6 +57,7 @@ from service.proxy.learning import Learner
 from service.proxy.relay import Relay
 from service.proxy.reservations import Reservations
 from service.proxy.routing_state import RoutingState
+from service.proxy.trace import current_trace
 from service.proxy.units import UnitSteps
 from service.settings import routes as settings_routes
 from service.settings.live import LiveSettings
@@ -66,6 +69,8 @@ log = logging.getLogger(__name__)
 TOKEN_DRAIN_SECONDS = 15.0
 # How long shutdown waits to share what traffic taught (usage, cooldowns, pins).
 LEARN_DRAIN_SECONDS = 3.0
+# How long shutdown waits to write the request log's last entries.
+REQUEST_LOG_DRAIN_SECONDS = 3.0
 
 
 def endpoints() -> list[Endpoint]:
@@ -77,6 +82,7 @@ def endpoints() -> list[Endpoint]:
         *api_key_routes.ENDPOINTS,
         *account_routes.ENDPOINTS,
         *proxy_routes.ENDPOINTS,
+        *usage_routes.ENDPOINTS,
         *openapi.ENDPOINTS,
     ]
 
@@ -109,6 +115,8 @@ class Parts:
     routing: RoutingState
     learner: Learner
     relay: Relay
+    request_log: RequestLogStore
+    log_writer: RequestLogWriter
 
 
 def wire(config: Config, redis_url: str) -> Parts:
@@ -143,7 +151,10 @@ def wire(config: Config, redis_url: str) -> Parts:
         box,
         Reservations(conn),
     )
+    request_log = RequestLogStore(conn, config.request_log_max)
     parts = Parts(
+        request_log=request_log,
+        log_writer=RequestLogWriter(request_log, accounts),
         config=config,
         conn=conn,
         box=box,
@@ -205,12 +216,16 @@ def routes_objects(parts: Parts, table: list[Endpoint]) -> list[object]:
             config.upstream_base_url,
             parts.relay,
         ),
+        usage_routes.UsageRoutes(parts.request_log, parts.api_key_store, parts.accounts),
         openapi.OpenApiRoutes(table),
     ]
 
 
 async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
+    trace = current_trace()
+    if trace is not None:  # a proxy route off the fast lane
+        trace.failed(exc.code)
     return error_response(request.url.path, exc)
 
 
@@ -260,13 +275,17 @@ def create_app(config: Config) -> Starlette:
         await hub.start()
         polling = asyncio.create_task(parts.poller.run(), name="usage-poller")
         learning = asyncio.create_task(parts.learner.run(), name="learner")
+        logging_requests = asyncio.create_task(parts.log_writer.run(), name="request-log")
         try:
             yield
         finally:
             hub.draining = True
             polling.cancel()
             learning.cancel()
-            await asyncio.wait([polling, learning], timeout=5)
+            logging_requests.cancel()
+            await asyncio.wait([polling, learning, logging_requests], timeout=5)
+            # Every request has ended by now (the server drained them): their entries go out.
+            await parts.log_writer.stop(REQUEST_LOG_DRAIN_SECONDS)
             await parts.poller.stop()
             # What traffic taught, and new thread pins, still reach Redis for the others.
             await parts.learner.stop(LEARN_DRAIN_SECONDS)
@@ -285,13 +304,18 @@ def create_app(config: Config) -> Starlette:
     app = Starlette(
         routes=build_routes(table, owners),
         middleware=[
-            Middleware(ProxyLane, handlers=lane_handlers(table, owners), admission=admission),
+            Middleware(
+                ProxyLane,
+                handlers=lane_handlers(table, owners),
+                admission=admission,
+                sink=parts.log_writer,
+            ),
             Middleware(
                 DashboardGuard,
                 sessions=parts.sessions,
                 trusted_proxies=config.trusted_proxy_cidrs,
             ),
-            Middleware(ApiKeyGate, admission=admission),
+            Middleware(ApiKeyGate, admission=admission, sink=parts.log_writer),
         ],
         exception_handlers={
             ServiceError: _service_error,

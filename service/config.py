@@ -52,6 +52,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     proxy_unauthenticated_client_cidrs: tuple[Network, ...] = ()
     settings_reconcile_seconds: float = 1.0
     log_format: Literal["text", "json"] = "text"
+    request_log_max: int = 100_000
     # Not from the environment: the upstream's usage windows are polled once a minute; tests
     # shorten it.
     usage_poll_seconds: float = 60.0
@@ -75,6 +76,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             if value < minimum:
                 raise ConfigError(f"CODEX_LB_{name} must be at least {minimum}, got {raw!r}")
             return value
+
+        def whole(name: str, default: int) -> int:
+            value = number(name, default, minimum=0)
+            if value != int(value):
+                raise ConfigError(f"CODEX_LB_{name} must be a whole number, got {get(name)!r}")
+            return int(value)
 
         def choice(name: str, allowed: tuple[str, ...], default: str) -> str:
             raw = (get(name) or default).lower()
@@ -110,4 +117,5 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             proxy_unauthenticated_client_cidrs=cidrs("PROXY_UNAUTHENTICATED_CLIENT_CIDRS"),
             settings_reconcile_seconds=number("SETTINGS_RECONCILE_SECONDS", 1.0, minimum=0.05),
             log_format=choice("LOG_FORMAT", ("text", "json"), "text"),  # type: ignore[arg-type]
+            request_log_max=whole("REQUEST_LOG_MAX", 100_000),
         )

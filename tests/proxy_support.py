@@ -3,9 +3,14 @@ reading which account served what."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from typing import Any
 
+import httpx
+
+from tests.conftest import AppHarness
 from tests.fake_upstream import FakeUpstream
 
 IMPORT = "/api/accounts/import"
@@ -75,3 +80,46 @@ def event_names(raw: bytes) -> list[str]:
         for line in block.split(b"\n")
         if line.startswith(b"event: ")
     ]
+
+
+class Pool:
+    """The app, logged in, with accounts imported; ``ids`` maps fake names to our ids."""
+
+    def __init__(self, h: AppHarness, fake: FakeUpstream):
+        self.h = h
+        self.client = h.client
+        self.fake = fake
+        self.ids: dict[str, str] = {}
+
+    async def add(self, *names: str) -> None:
+        r = await self.client.post(IMPORT, files=import_files(self.fake, list(names)))
+        assert r.status_code == 200, r.text
+        self.ids.update(ids_by_name(r.json()))
+        deadline = time.monotonic() + 3
+        while not set(self.ids.values()) <= set(self.h.parts.accounts.accounts):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+
+    async def settings(self, **changes: Any) -> None:
+        current = (await self.client.get("/api/settings")).json()
+        wanted = {
+            k: current[k] for k in ("sticky_threads_enabled", "prefer_earlier_reset_accounts")
+        }
+        wanted.update(changes)
+        r = await self.client.put("/api/settings", json=wanted)
+        assert r.status_code == 200, r.text
+        version = r.json()["version"]
+        deadline = time.monotonic() + 3
+        while (self.h.parts.settings.current or r).version < version:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+
+    def name_of(self, account_id: str) -> str:
+        return {v: k for k, v in self.ids.items()}[account_id]
+
+    async def ask(self, **extra: Any) -> tuple[httpx.Response, str]:
+        """One streamed Responses request; the response and the fake name that answered."""
+        headers = extra.pop("headers", {})
+        r = await self.client.post(RESPONSES, json=body(**extra), headers=headers)
+        assert r.status_code == 200, r.text
+        return r, answered_by(sse_text(r.content))

@@ -146,9 +146,13 @@ class WriteScript:
         self._conn = conn
         self._script = script
 
-    async def __call__(self, keys: list[str], args: list[ScriptArg]) -> Any:
+    async def __call__(
+        self, keys: list[str], args: list[ScriptArg], write_id: str | None = None
+    ) -> Any:
+        """Run the write; a caller that sends the same write again later (after an outage)
+        passes the id it used the first time (``new_write_id``)."""
         # One id per logical write, shared by the client's own retry of this very call.
-        write_key = f"{self._conn.keys.write_id}{secrets.token_hex(12)}"
+        write_key = f"{self._conn.keys.write_id}{write_id or new_write_id()}"
         return await self._conn.call(lambda: self._script(keys=[*keys, write_key], args=args))
 
 
@@ -168,6 +172,10 @@ def text(value: bytes | str) -> str:
 
 def as_bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
+
+
+def new_write_id() -> str:
+    return secrets.token_hex(12)
 
 
 def new_epoch() -> str:

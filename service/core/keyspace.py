@@ -48,6 +48,10 @@ class Keyspace:
         # requests on their way to an account near the end of its units: a sorted set per
         # account, member a request id, score when it was sent
         self.reserve = f"{prefix}reserve:"  # + account id
+        # proxied requests: the request log (a capped stream, newest last) and the usage
+        # summary's rolling counters (one hash per hour, expiring)
+        self.request_log = f"{prefix}request_log"
+        self.usage_hour = f"{prefix}usage:"  # + hours since the epoch
         # one-at-a-time work and idempotent writes
         self.lease = f"{prefix}lease:"  # + lease name
         self.write_id = f"{prefix}write:"  # + random id

@@ -12,13 +12,15 @@ keys when they are needed, serves no proxy traffic at all.
 from __future__ import annotations
 
 from starlette.requests import HTTPConnection
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api_keys.live import LiveApiKeys
+from service.api_keys.store import ApiKeyRecord
 from service.config import Config
 from service.core.errors import InvalidApiKey, NotReady, ServiceError, openai_error_response
 from service.core.hub import Hub
 from service.core.peers import client_address, direct_loopback, within
+from service.proxy.trace import TraceSink, close_trace, open_trace
 from service.settings.live import LiveSettings
 
 GATED_PREFIXES = ("/v1/", "/backend-api/codex/", "/backend-api/transcribe")
@@ -49,37 +51,58 @@ class Admission:
         self.keys = keys
         self.config = config
 
-    def admit(self, conn: HTTPConnection) -> None:
-        """Raise unless this request may use the proxy."""
+    def admit(self, conn: HTTPConnection) -> ApiKeyRecord | None:
+        """Raise unless this request may use the proxy; the API key it came with, if any."""
         settings = self.settings.current
         if settings is None or not self.hub.ready or self.hub.draining:
             raise NotReady("codex-lb is not ready to serve requests")
         key = bearer(conn)
         if settings.api_key_auth_enabled:
-            if key is None or self.keys.check_key(key) is None:
+            record = None if key is None else self.keys.check_key(key)
+            if record is None:
                 raise InvalidApiKey()
-            return
-        if key is not None and self.keys.check_key(key) is not None:
-            return
+            return record
+        if key is not None and (record := self.keys.check_key(key)) is not None:
+            return record
         trusted = self.config.trusted_proxy_cidrs
         if direct_loopback(conn, trusted):
-            return
+            return None
         ip = client_address(conn, trusted)
         if ip is not None and within(ip, self.config.proxy_unauthenticated_client_cidrs):
-            return
+            return None
         raise InvalidApiKey(KEYLESS_REFUSED)
 
 
 class ApiKeyGate:
-    def __init__(self, app: ASGIApp, *, admission: Admission) -> None:
+    """The gate for the proxy routes off the fast lane (``/v1/models``, and anything else under
+    the gated prefixes); each such request is traced for the request log like a lane one."""
+
+    def __init__(self, app: ASGIApp, *, admission: Admission, sink: TraceSink) -> None:
         self.app = app
         self.admission = admission
+        self.sink = sink
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and gated(scope["path"]):
+        if scope["type"] != "http" or not gated(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        trace = open_trace(scope["method"], scope["path"])
+        try:
             try:
-                self.admission.admit(HTTPConnection(scope))
+                key = self.admission.admit(HTTPConnection(scope))
             except ServiceError as exc:
+                trace.failed(exc.code)
+                trace.status = exc.status
                 await openai_error_response(exc)(scope, receive, send)
                 return
-        await self.app(scope, receive, send)
+            if key is not None:
+                trace.api_key_id, trace.api_key_name = key.id, key.name
+
+            async def traced_send(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    trace.status = message["status"]
+                await send(message)
+
+            await self.app(scope, receive, traced_send)
+        finally:
+            close_trace(trace, self.sink)

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.core.endpoints import Handler
 from service.core.errors import ServiceError, openai_error_response
 from service.proxy.gate import Admission
+from service.proxy.trace import TraceSink, close_trace, open_trace
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,12 @@ class ProxyLane:
         *,
         handlers: dict[tuple[str, str], Handler],
         admission: Admission,
+        sink: TraceSink,
     ) -> None:
         self.app = app
         self.handlers = handlers
         self.admission = admission
+        self.sink = sink
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = (
@@ -43,12 +46,21 @@ class ProxyLane:
         if handler is None:
             await self.app(scope, receive, send)
             return
+        trace = open_trace(scope["method"], scope["path"])
         try:
-            self.admission.admit(HTTPConnection(scope))
+            key = self.admission.admit(HTTPConnection(scope))
+            if key is not None:
+                trace.api_key_id, trace.api_key_name = key.id, key.name
             response = await handler(Request(scope, receive))
         except ServiceError as exc:
+            trace.failed(exc.code)
             response = openai_error_response(exc)
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            trace.failed(ServiceError.code)
             response = openai_error_response(ServiceError())
-        await response(scope, receive, send)
+        trace.status = response.status_code
+        try:
+            await response(scope, receive, send)
+        finally:
+            close_trace(trace, self.sink)

@@ -42,6 +42,7 @@ from service.proxy.candidates import PoolView
 from service.proxy.learning import Learner
 from service.proxy.reservations import RESERVE_BELOW, Reservations
 from service.proxy.routing_state import Pinned, RoutingState
+from service.proxy.trace import current_trace
 from service.proxy.upstream import make_session, request_headers
 from service.settings.live import LiveSettings
 
@@ -206,11 +207,14 @@ class Relay:
         spoken: set[str] = set()
         broken = 0  # accounts whose upstream failed (5xx) or did not answer
         limits: list[float] = []  # accounts that answered 429: when each recovers
+        trace = current_trace()
         for attempt in range(1, MAX_ACCOUNTS + 1):
             chosen = await self._choose(policy, out.thread_id, pinned_to, frozenset(failed), spoken)
             if chosen is None:
                 break
             choice, unit = chosen
+            if trace is not None:
+                trace.attempts = attempt
             account = self.accounts.accounts.get(choice.account_id)
             if account is None:  # deleted between the pick and now
                 self.reservations.give_back(choice.account_id, unit)
@@ -262,6 +266,9 @@ class Relay:
                     self.routing.pin(
                         out.thread_id, pinned_to.account_id, replace=True, detour=account.id
                     )
+            if trace is not None:
+                trace.account_id, trace.thread_sticky = account.id, choice.pinned
+                trace.upstream_request_id = response.headers.get("x-request-id")
             return Answer(response, account.id, choice.pinned, attempt)
         if broken:
             raise UpstreamUnavailable()

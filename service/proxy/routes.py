@@ -36,6 +36,7 @@ from service.proxy.pool_usage import PoolUsage, pool_usage
 from service.proxy.relay import Answer, Outgoing, Relay
 from service.proxy.sse import EventReader
 from service.proxy.streaming import Passthrough, Streamed
+from service.proxy.trace import Trace, current_trace
 from service.proxy.translation import ChatTranslation
 from service.proxy.upstream import response_headers
 
@@ -72,6 +73,7 @@ class _Peek(msgspec.Struct):
 
     stream: Any = None
     prompt_cache_key: Any = None
+    model: Any = None
 
 
 _peek = msgspec.json.Decoder(_Peek)
@@ -108,6 +110,14 @@ async def _body(request: Request) -> bytes:
     return await read_body(request, BODY_LIMIT)
 
 
+def _describe(model: object, stream: bool) -> None:
+    """The request's model and mode, for its request-log entry."""
+    trace = current_trace()
+    if trace is not None:
+        trace.model = model[:200] if isinstance(model, str) else None
+        trace.stream = stream
+
+
 @dataclass(frozen=True)
 class ProxyRoutes:
     accounts: LiveAccounts
@@ -123,15 +133,26 @@ class ProxyRoutes:
         sse = upstream.content_type == "text/event-stream"
         account_id = answer.account_id
         headers = response_headers(upstream.headers)
+        trace = current_trace()
+        json_body = (
+            trace.json_body
+            if trace is not None and upstream.content_type == "application/json"
+            else None
+        )
         return Streamed(
             answer,
             headers,
-            Passthrough(lambda name, data: self._learn(account_id, name, data), sse=sse),
+            Passthrough(
+                lambda name, data: self._learn(account_id, name, data, trace),
+                sse=sse,
+                on_json=json_body,
+            ),
         )
 
     async def _forward(self, request: Request, path: str) -> Streamed:
         body = await _body(request)
         peek = _peek_body(body)
+        _describe(peek.model, peek.stream is True)
         out = Outgoing(
             "POST",
             _upstream_path(request, path),
@@ -158,6 +179,7 @@ class ProxyRoutes:
 
     async def chat_completions(self, request: Request) -> Response:
         chat = chat_request(await _body(request))
+        _describe(chat.model, chat.stream)
         headers = [
             (k, v) for k, v in request.headers.raw if k.lower() not in (b"accept", b"content-type")
         ]
@@ -174,10 +196,11 @@ class ProxyRoutes:
         if upstream.status != 200 or upstream.content_type != "text/event-stream":
             return self._stream(answer)  # the upstream's own error
         account_id = answer.account_id
+        trace = current_trace()
         if chat.stream:
             translation = ChatTranslation(
                 ChatStream(chat.model, chat.include_usage),
-                lambda name, data: self._learn(account_id, name, data),
+                lambda name, data: self._learn(account_id, name, data, trace),
             )
             headers_out = [
                 (k, v) for k, v in response_headers(upstream.headers) if k != b"content-type"
@@ -186,19 +209,24 @@ class ProxyRoutes:
             return Streamed(answer, headers_out, translation)
         return await self._collect(answer, chat.model)
 
-    def _learn(self, account_id: str, name: str, data: bytes) -> None:
+    def _learn(self, account_id: str, name: str, data: bytes, trace: Trace | None) -> None:
         if name == "codex.rate_limits":
             self.relay.learn_event(account_id, data)
+        elif name == "response.completed" and trace is not None:
+            trace.completed_event(data)
 
     async def _collect(self, answer: Answer, model: str) -> Response:
         """A non-streamed chat completion: the upstream's stream gathered into one answer."""
         upstream = answer.response
         collector = ChatCollector(model)
         reader = EventReader()
+        trace = current_trace()
         try:
             async for data in upstream.content.iter_any():
+                if trace is not None:
+                    trace.first_event()
                 for name, body in reader.feed(data):
-                    self._learn(answer.account_id, name, body)
+                    self._learn(answer.account_id, name, body, trace)
                     collector.feed(name, body)
             for name, body in reader.close():
                 collector.feed(name, body)

@@ -22,6 +22,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from service.proxy.relay import Answer
 from service.proxy.sse import EventTap
+from service.proxy.trace import Trace, current_trace
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,26 @@ class Filter(Protocol):
         """What the client gets when the upstream breaks off after bytes were sent."""
 
 
-class Passthrough:
-    """The upstream's bytes unchanged; the events we learn from are read on the side."""
+# A JSON answer larger than this is passed on without being read for its token counts.
+JSON_READ_LIMIT = 1024 * 1024
 
-    def __init__(self, on_event: Callable[[str, bytes], None], *, sse: bool):
+
+class Passthrough:
+    """The upstream's bytes unchanged; the events we learn from are read on the side, and a
+    JSON answer (when ``on_json`` wants it) once it is whole."""
+
+    def __init__(
+        self,
+        on_event: Callable[[str, bytes], None],
+        *,
+        sse: bool,
+        on_json: Callable[[bytes], None] | None = None,
+    ):
         self.tap = EventTap(LEARNED_EVENTS) if sse else None
         self.on_event = on_event
+        self.on_json = on_json
+        self._json: list[bytes] = []
+        self._json_size = 0
         self.finished = not sse  # a JSON body has no terminal event to wait for
 
     def chunk(self, data: bytes) -> bytes:
@@ -59,9 +74,14 @@ class Passthrough:
                 if name in TERMINAL_EVENTS:
                     self.finished = True
                 self.on_event(name, body)
+        elif self.on_json is not None and self._json_size <= JSON_READ_LIMIT:
+            self._json.append(data)
+            self._json_size += len(data)
         return data
 
     def end(self) -> bytes:
+        if self.on_json is not None and self._json and self._json_size <= JSON_READ_LIMIT:
+            self.on_json(b"".join(self._json))
         return b"" if self.finished else self.failed("the upstream ended the stream early")
 
     def failed(self, reason: str) -> bytes:
@@ -107,6 +127,7 @@ class Streamed(Response):
         upstream = self.answer.response
         watcher = asyncio.create_task(_client_gone(receive, upstream))
         complete = False
+        trace = current_trace()
         try:
             await send(
                 {
@@ -115,7 +136,7 @@ class Streamed(Response):
                     "headers": self.header_list,
                 }
             )
-            tail = await self._pump(upstream, send)
+            tail = await self._pump(upstream, send, trace)
             if not watcher.done():
                 await send({"type": "http.response.body", "body": tail, "more_body": False})
                 complete = upstream.content.at_eof()
@@ -123,6 +144,8 @@ class Streamed(Response):
             pass  # the client went away while we wrote to it
         finally:
             watcher.cancel()
+            if trace is not None and not complete:
+                trace.failed("client_disconnected")
             # A connection whose answer was read to the end goes back to the pool; any other
             # is closed, so no half-read answer is left for the next request to find.
             if complete:
@@ -130,7 +153,9 @@ class Streamed(Response):
             else:
                 upstream.close()
 
-    async def _pump(self, upstream: aiohttp.ClientResponse, send: Send) -> bytes:
+    async def _pump(
+        self, upstream: aiohttp.ClientResponse, send: Send, trace: Trace | None
+    ) -> bytes:
         """Copy the upstream's chunks; the bytes to end with.
 
         Once the stream's terminal event has gone by, what follows is held and sent with the
@@ -139,6 +164,8 @@ class Streamed(Response):
         held: list[bytes] = []
         try:
             async for data in upstream.content.iter_any():
+                if trace is not None and trace.first_event_ms is None:
+                    trace.first_event()
                 out = self.filter.chunk(data)
                 if self.filter.finished:
                     held.append(out)
@@ -150,5 +177,7 @@ class Streamed(Response):
                 if isinstance(exc, TimeoutError)
                 else "the upstream connection broke"
             )
+            if trace is not None:
+                trace.failed("upstream_error")
             return b"".join([*held, self.filter.failed(reason)])
         return b"".join([*held, self.filter.end()])

@@ -1,0 +1,119 @@
+"""The request log's writer: traces kept in memory and written in batches, off the request path.
+
+``record`` is all a request pays: an append to a queue. A background task writes what has
+gathered every ``INTERVAL`` seconds, or at once when a full batch is waiting. While Redis is
+away the batch that failed is kept and sent again, with the same write id, once Redis answers
+(so it is stored once); what arrives meanwhile waits in the queue up to ``BACKLOG`` traces, past
+which the oldest are dropped and counted. Shutdown writes what is left, within a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+
+from service.accounts.live import LiveAccounts
+from service.core.connection import new_write_id
+from service.core.errors import StoreError, StoreUnavailable
+from service.ops.request_log import Entry, RequestLogStore
+from service.proxy.trace import Trace
+
+log = logging.getLogger(__name__)
+
+BATCH = 500
+INTERVAL = 0.2
+# Traces waiting while Redis is away: about a minute of heavy traffic, a few tens of MiB.
+BACKLOG = 50_000
+# After a failed write, the next try waits this long (Redis is away; each try costs a timeout).
+RETRY_SECONDS = 1.0
+
+
+class RequestLogWriter:
+    def __init__(self, store: RequestLogStore, accounts: LiveAccounts):
+        self.store = store
+        self.accounts = accounts
+        self._pending: deque[Trace] = deque()
+        self._retry: tuple[list[Entry], str] | None = None
+        self._wake = asyncio.Event()
+        self.written = 0
+        self.dropped = 0
+
+    def record(self, trace: Trace) -> None:
+        if len(self._pending) >= BACKLOG:
+            self._pending.popleft()
+            self._lost(1)
+        self._pending.append(trace)
+        if len(self._pending) >= BATCH:
+            self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), INTERVAL)
+            self._wake.clear()
+            if not await self.flush():
+                await asyncio.sleep(RETRY_SECONDS)
+
+    async def flush(self) -> bool:
+        """Write everything waiting; False when Redis could not take it (it is kept)."""
+        while self._retry is not None or self._pending:
+            if self._retry is None:
+                traces = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
+                self._retry = ([self._entry(t) for t in traces], new_write_id())
+            entries, write_id = self._retry
+            try:
+                await self.store.append(entries, write_id)
+            except StoreUnavailable:
+                return False
+            except StoreError:
+                # Redis refused the script itself (logged by the connection): sending the same
+                # batch again would fail the same way.
+                self._lost(len(entries))
+            else:
+                self.written += len(entries)
+            self._retry = None
+        return True
+
+    async def stop(self, seconds: float) -> None:
+        """Write what is left, giving up after ``seconds`` (what is not written is counted)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flush(), seconds)
+        left = len(self._pending) + (len(self._retry[0]) if self._retry else 0)
+        if left:
+            self._lost(left)
+            log.warning("request log: %d entries could not be written before shutdown", left)
+
+    def _lost(self, count: int) -> None:
+        self.dropped += count
+
+    def _entry(self, trace: Trace) -> Entry:
+        account = self.accounts.accounts.get(trace.account_id) if trace.account_id else None
+        return Entry(
+            at=trace.at,
+            method=trace.method,
+            path=trace.path,
+            status=trace.status,
+            model=trace.model,
+            stream=trace.stream,
+            error_code=trace.error_code,
+            api_key_id=trace.api_key_id,
+            api_key_name=trace.api_key_name,
+            account_id=trace.account_id,
+            account_email=account.email if account is not None else None,
+            thread_sticky=trace.thread_sticky,
+            attempts=trace.attempts,
+            first_event_ms=_ms(trace.first_event_ms),
+            duration_ms=_ms(trace.duration_ms) or 0.0,
+            input_tokens=trace.input_tokens,
+            cached_input_tokens=trace.cached_input_tokens,
+            output_tokens=trace.output_tokens,
+            reasoning_tokens=trace.reasoning_tokens,
+            request_id=trace.request_id,
+            upstream_request_id=trace.upstream_request_id,
+        )
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
