@@ -118,6 +118,7 @@ async def test_a_served_request_leaves_one_full_entry(pool: Pool, fake: FakeUpst
     assert entry["reasoning_tokens"] == 0
     assert entry["upstream_request_id"] == r.headers["x-request-id"]
     assert entry["at"].endswith("Z")
+    assert entry["settings_version"] == pool.h.parts.settings.current.version  # type: ignore[union-attr]
     # The thread's next turn was decided by its pin.
     r = await pool.client.post(
         RESPONSES, json=body(), headers={"authorization": f"Bearer {key}", "session_id": "thread-7"}
@@ -292,7 +293,7 @@ async def test_usage_summary_per_key_and_per_account(pool: Pool, fake: FakeUpstr
     assert (await pool.client.get(SUMMARY)).json()["window"] == "24h"
 
 
-async def test_the_log_is_capped_and_zero_keeps_none(
+async def test_the_log_is_capped_and_zero_turns_it_off(
     redis_url: str, prefix: str, tmp_path: Path, raw_redis: redis.Redis, fake: FakeUpstream
 ) -> None:
     for cap, kept in ((3, 3), (0, 0)):
@@ -312,13 +313,14 @@ async def test_the_log_is_capped_and_zero_keeps_none(
                 assert (await pool.client.post(RESPONSES, json=body())).status_code == 200
             writer = h.parts.log_writer
             deadline = time.monotonic() + 5
-            while writer.written < 5 and time.monotonic() < deadline:
+            while writer.written < (5 if cap else 0) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            assert writer.written == 5
+            await asyncio.sleep(0.3)  # a writer that should not write has had its chance
+            assert writer.written == (5 if cap else 0)
             assert raw_redis.xlen(f"{prefix}request_log") == kept
-            # The counters count whatever the cap.
+            # Off means off: no counting either.
             summary = (await pool.client.get(SUMMARY)).json()
-            assert summary["accounts"][0]["requests"] == (5 if cap else 10)
+            assert summary["accounts"][0]["requests"] == 5
 
 
 async def test_a_batch_sent_again_is_stored_once(redis_url: str, prefix: str) -> None:

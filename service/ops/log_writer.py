@@ -41,6 +41,8 @@ class RequestLogWriter:
         self.dropped = 0
 
     def record(self, trace: Trace) -> None:
+        if not self.store.max_entries:
+            return  # the log is off (CODEX_LB_REQUEST_LOG_MAX=0), and its counters with it
         if len(self._pending) >= BACKLOG:
             self._pending.popleft()
             self._lost(1)
@@ -112,6 +114,7 @@ class RequestLogWriter:
             reasoning_tokens=trace.reasoning_tokens,
             request_id=trace.request_id,
             upstream_request_id=trace.upstream_request_id,
+            settings_version=trace.settings_version,
         )
 
 

@@ -58,6 +58,7 @@ class Entry(msgspec.Struct, kw_only=True, omit_defaults=True):
     reasoning_tokens: int | None = None
     request_id: str | None = None
     upstream_request_id: str | None = None
+    settings_version: int | None = None
 
     @property
     def error(self) -> bool:
@@ -106,9 +107,7 @@ local maxlen = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
 for i = 1, n do
-  if maxlen > 0 then
-    redis.call('XADD', KEYS[1], 'MAXLEN', maxlen, '*', 'e', ARGV[3 + i])
-  end
+  redis.call('XADD', KEYS[1], 'MAXLEN', maxlen, '*', 'e', ARGV[3 + i])
 end
 local i = 4 + n
 while i <= #ARGV do

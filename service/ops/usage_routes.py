@@ -49,6 +49,7 @@ class RequestView(ResponseBody):
     reasoning_tokens: int | None
     request_id: str | None
     upstream_request_id: str | None
+    settings_version: int | None
 
 
 class RequestLogPage(ResponseBody):
@@ -107,6 +108,7 @@ def _view(entry_id: str, e: Entry) -> RequestView:
         reasoning_tokens=e.reasoning_tokens,
         request_id=e.request_id,
         upstream_request_id=e.upstream_request_id,
+        settings_version=e.settings_version,
     )
 
 

@@ -117,15 +117,17 @@ class Relay:
         if self.session is not None:
             await self.session.close()
 
-    def _policy(self) -> Policy:
+    def _policy(self) -> tuple[Policy, int]:
+        """How to route, from the live settings, and their version."""
         record = self.settings.current
         if record is None:
             raise NotReady("codex-lb is not ready to serve requests")
-        return Policy(
+        policy = Policy(
             record.routing_strategy,
             record.prefer_earlier_reset_accounts,
             record.sticky_threads_enabled,
         )
+        return policy, record.version
 
     async def _choose(
         self,
@@ -200,7 +202,7 @@ class Relay:
         return UsageLimitReached(min(resets, default=now + UNKNOWN_RESET_SECONDS))
 
     async def open(self, out: Outgoing) -> Answer:
-        policy = self._policy()
+        policy, version = self._policy()
         sticky = policy.sticky_threads_enabled and out.thread_id is not None
         pinned_to = await self.routing.pinned(out.thread_id) if sticky and out.thread_id else None
         failed: set[str] = set()
@@ -208,6 +210,8 @@ class Relay:
         broken = 0  # accounts whose upstream failed (5xx) or did not answer
         limits: list[float] = []  # accounts that answered 429: when each recovers
         trace = current_trace()
+        if trace is not None:
+            trace.settings_version = version
         for attempt in range(1, MAX_ACCOUNTS + 1):
             chosen = await self._choose(policy, out.thread_id, pinned_to, frozenset(failed), spoken)
             if chosen is None:

@@ -41,6 +41,8 @@ class Trace:
     output_tokens: int | None = None
     reasoning_tokens: int | None = None
     upstream_request_id: str | None = None
+    # The settings version the request was routed by (how fast a change reached traffic).
+    settings_version: int | None = None
 
     def first_event(self) -> None:
         if self.first_event_ms is None:
