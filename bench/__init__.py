@@ -9,7 +9,16 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench import account_import, hotpath, keycheck, latency, pool, propagation, proxy
+from bench import (
+    account_import,
+    hotpath,
+    keycheck,
+    latency,
+    ops_load,
+    pool,
+    propagation,
+    proxy,
+)
 from bench.common import Check
 
 
@@ -23,11 +32,12 @@ class Benchmark:
 
 BENCHMARKS: tuple[Benchmark, ...] = tuple(
     Benchmark(m.NAME, m.SUMMARY, m.add_arguments, m.run)
-    for m in (propagation, latency, hotpath, account_import, keycheck, proxy, pool)
+    for m in (propagation, latency, hotpath, account_import, keycheck, proxy, pool, ops_load)
 )
 
 # Groups of benchmarks run together under one name.
 SUITES: dict[str, tuple[str, ...]] = {
     "settings": ("propagation", "latency", "hotpath"),
     "accounts": ("import", "keycheck"),
+    "ops": ("ops-load",),
 }

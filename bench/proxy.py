@@ -278,7 +278,7 @@ async def _measure(
     return figures
 
 
-def _import_accounts(base_url: str, token: str, fake: FakeUpstream) -> dict[str, dict[str, Any]]:
+def import_accounts(base_url: str, token: str, fake: FakeUpstream) -> dict[str, dict[str, Any]]:
     """Import the accounts (their refresh tokens made known to the fake); their auth.json."""
     docs = {name: fake.auth_json(name, email=f"{name}@example.com", tag=name) for name in ACCOUNTS}
     files = [
@@ -311,7 +311,7 @@ def run(args: argparse.Namespace) -> list[Check]:
         with cluster(1, extra_env=env) as c:
             serve = c.serves[0]
             token = login(serve.url)
-            docs = _import_accounts(serve.url, token, fake)
+            docs = import_accounts(serve.url, token, fake)
             stats = c.redis.client()
             try:
                 figures = asyncio.run(_network(args, c, token, fake, docs, stats))
