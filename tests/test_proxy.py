@@ -27,6 +27,7 @@ from tests.proxy_support import (
     import_files,
     sse_text,
 )
+from tests.support import RedisServer
 
 
 @pytest.fixture(scope="module")
@@ -526,3 +527,33 @@ async def test_requests_in_flight_never_overshoot_an_accounts_last_units(
     timeline = fake.quota()["timeline"]
     assert [t["status"] for t in timeline].count(429) == 0
     assert [t["status"] for t in timeline].count(200) == 8
+
+
+async def test_an_account_whose_token_needs_a_refresh_is_skipped_while_redis_is_away(
+    fake: FakeUpstream, tmp_path: Path, prefix: str
+) -> None:
+    """A refresh spends a single-use refresh token, so it takes a Redis lease; with Redis away
+    the account waits, and the others, whose tokens are good, serve every request."""
+    server = RedisServer(appendonly=True).start()
+    try:
+        config = make_config(
+            server.url, prefix, tmp_path, upstream_base_url=fake.url, auth_base_url=fake.url
+        )
+        async with AppHarness(config) as h:
+            await setup_password(h.client)
+            pool = Pool(h, fake)
+            stale = fake.auth_json("acct-a", email="a@example.com", access_exp=time.time() + 5)
+            r = await h.client.post(
+                IMPORT, files=[("auth_json", ("a.json", json.dumps(stale).encode(), "x"))]
+            )
+            assert r.status_code == 200, r.text
+            await pool.add("acct-b")
+            await pool.settings(routing_strategy="round_robin", sticky_threads_enabled=False)
+            while len(h.parts.accounts.accounts) < 2:
+                await asyncio.sleep(0.01)
+            server.kill()
+            served = [(await pool.ask())[1] for _ in range(6)]
+            assert served == ["acct-b"] * 6
+            assert not fake.requests(path="/oauth/token")
+    finally:
+        server.stop()

@@ -24,10 +24,11 @@ from service.core.errors import (
     NoAccounts,
     NotReady,
     ServiceError,
+    StoreUnavailable,
     UpstreamUnavailable,
     UsageLimitReached,
 )
-from service.core.secret_box import SecretBox
+from service.core.secret_box import EncryptionKeyError, SecretBox
 from service.proxy import ratelimits
 from service.proxy.balancer import (
     Choice,
@@ -234,6 +235,16 @@ class Relay:
             except RefreshFailed as exc:
                 # The auth server is not answering: try this account again later.
                 log.warning("account %s skipped: %s", account.id, exc)
+                self.learner.failed(account.id, time.time(), None)
+                continue
+            except StoreUnavailable:
+                # Its token needs a refresh, and a refresh needs Redis (the refresh token is
+                # single-use: only one process may spend it). Other accounts' tokens still
+                # serve while Redis is away.
+                log.warning("account %s skipped: its token refresh needs Redis", account.id)
+                continue
+            except EncryptionKeyError:
+                log.error("account %s skipped: its tokens do not open with this key", account.id)
                 self.learner.failed(account.id, time.time(), None)
                 continue
             finally:
