@@ -422,3 +422,58 @@ def check_image_matches(
             f"{config.get('CODEX_LB_DATA_DIR')}"
         )
     return problems
+
+
+# --- Redis commands the service uses ------------------------------------------------------------
+
+# Commands newer than Redis 7.0 (hash-field expiry of 7.4, 8.0's hash and vector commands,
+# WAITAOF of 7.2) and module prefixes: a deployment on Redis 7, Valkey or a managed
+# Redis-compatible service may not have them (deploy/README.md promises it does not need them).
+NEWER_THAN_REDIS_7 = frozenset(
+    {
+        "HEXPIRE",
+        "HPEXPIRE",
+        "HEXPIREAT",
+        "HPEXPIREAT",
+        "HTTL",
+        "HPTTL",
+        "HEXPIRETIME",
+        "HPEXPIRETIME",
+        "HPERSIST",
+        "HGETDEL",
+        "HGETEX",
+        "HSETEX",
+        "WAITAOF",
+        "VADD",
+        "VSIM",
+        "VREM",
+    }
+)
+MODULE_PREFIXES = ("JSON.", "FT.", "TS.", "BF.", "CF.", "CMS.", "TOPK.", "TDIGEST.", "GRAPH.")
+_LUA_CALL = re.compile(r"redis\.p?call\(\s*['\"]([A-Za-z.]+)['\"]")
+_CLIENT_CALL = re.compile(r"\.([a-z_]+)\(")
+
+
+def redis_commands(source: str) -> tuple[set[str], set[str]]:
+    """(commands named in Lua scripts, method names called) in one Python module's source."""
+    lua = {name.upper() for name in _LUA_CALL.findall(source)}
+    return lua, set(_CLIENT_CALL.findall(source))
+
+
+def check_redis_commands(lua: set[str], methods: set[str]) -> list[str]:
+    problems = [
+        f"uses {name}, which Redis 7 does not have"
+        for name in sorted(lua | {m.upper() for m in methods})
+        if name in NEWER_THAN_REDIS_7
+    ]
+    problems += [
+        f"uses the module command {name}"
+        for name in sorted(lua)
+        if name.startswith(MODULE_PREFIXES)
+    ]
+    problems += [
+        f"calls execute_command({name!r}...)"
+        for name in sorted(methods)
+        if name == "execute_command"
+    ]
+    return problems

@@ -419,3 +419,29 @@ def test_a_config_change_changes_the_generated_name() -> None:
     assert first != second
     assert len(first) == 10
     assert not set(first) & set("013ae")
+
+
+# --- what deploy/README.md promises of the Redis server -------------------------------------------
+
+
+def test_the_service_needs_nothing_beyond_redis_7() -> None:
+    lua: set[str] = set()
+    methods: set[str] = set()
+    for path in (ROOT / "service").rglob("*.py"):
+        found_lua, found_methods = checks.redis_commands(path.read_text())
+        lua |= found_lua
+        methods |= found_methods
+    # The scan sees the scripts (so an empty result cannot pass for a clean one).
+    assert {"GET", "SET", "HSET", "PUBLISH"} <= lua
+    assert checks.check_redis_commands(lua, methods) == []
+
+
+def test_a_newer_command_fails_the_redis_7_check() -> None:
+    source = "S = \"redis.call('HEXPIRE', KEYS[1], 5)\"\nawait c.json_set(k)\nr.hgetex(k)\n"
+    lua, methods = checks.redis_commands(source)
+    source_module = "redis.call('JSON.SET', KEYS[1], '$', ARGV[1])"
+    module_lua, _ = checks.redis_commands(source_module)
+    problems = checks.check_redis_commands(lua | module_lua, methods)
+    assert "uses HEXPIRE, which Redis 7 does not have" in problems
+    assert "uses HGETEX, which Redis 7 does not have" in problems
+    assert "uses the module command JSON.SET" in problems
