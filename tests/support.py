@@ -32,10 +32,12 @@ def free_port() -> int:
 class RedisServer:
     """A private redis-server on a free loopback port, which a test may kill and restart."""
 
-    def __init__(self, *, appendonly: bool = False):
+    def __init__(self, *, appendonly: bool = False, appendfsync: str = "everysec"):
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="codexlb-redis-"))
         self.appendonly = appendonly
+        # "always": every write is on disk before Redis answers, so a kill -9 loses none.
+        self.appendfsync = appendfsync
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -59,6 +61,8 @@ class RedisServer:
                 "",
                 "--appendonly",
                 "yes" if self.appendonly else "no",
+                "--appendfsync",
+                self.appendfsync,
                 "--daemonize",
                 "no",
                 "--loglevel",
