@@ -41,6 +41,7 @@ class Deployment:
         fake: FakeUpstream,
         prefix: str,
         reconcile_seconds: float,
+        env: dict[str, str],
     ):
         self.redis = server
         self.proxies = proxies
@@ -48,6 +49,9 @@ class Deployment:
         self.fake = fake
         self.prefix = prefix
         self.reconcile_seconds = reconcile_seconds
+        # The environment of the processes, Redis reached directly (for more processes and
+        # for ``codex-lb admin``).
+        self.env = env
         self.clients = [httpx.Client(base_url=s.url, timeout=HTTP_TIMEOUT) for s in serves]
         self.token = ""
         self.key = ""
@@ -270,22 +274,22 @@ def deployment(
             stack.callback(proxy.close)
             proxies.append(proxy)
         prefix = f"faults:{uuid.uuid4().hex[:8]}:"
+        env = base_env(
+            server.url,
+            prefix,
+            workdir,
+            CODEX_LB_UPSTREAM_BASE_URL=fake.url,
+            CODEX_LB_AUTH_BASE_URL=fake.url,
+            CODEX_LB_SETTINGS_RECONCILE_SECONDS=str(reconcile_seconds),
+        )
         serves: list[ServeProcess] = []
         for proxy in proxies:
-            env = base_env(
-                proxy.url(),
-                prefix,
-                workdir,
-                CODEX_LB_UPSTREAM_BASE_URL=fake.url,
-                CODEX_LB_AUTH_BASE_URL=fake.url,
-                CODEX_LB_SETTINGS_RECONCILE_SECONDS=str(reconcile_seconds),
-            )
-            serve = ServeProcess(env, log_dir=workdir)
+            serve = ServeProcess({**env, "CODEX_LB_REDIS_URL": proxy.url()}, log_dir=workdir)
             stack.callback(serve.terminate, 20)
             serves.append(serve)
         for serve in serves:
             serve.wait_ready()
-        d = Deployment(server, proxies, serves, fake, prefix, reconcile_seconds)
+        d = Deployment(server, proxies, serves, fake, prefix, reconcile_seconds, env)
         stack.callback(d.close)
         d.set_up(accounts)
         yield d
