@@ -14,6 +14,7 @@ from bench import (
     hotpath,
     keycheck,
     latency,
+    ops_faults,
     ops_load,
     pool,
     propagation,
@@ -32,12 +33,22 @@ class Benchmark:
 
 BENCHMARKS: tuple[Benchmark, ...] = tuple(
     Benchmark(m.NAME, m.SUMMARY, m.add_arguments, m.run)
-    for m in (propagation, latency, hotpath, account_import, keycheck, proxy, pool, ops_load)
+    for m in (
+        propagation,
+        latency,
+        hotpath,
+        account_import,
+        keycheck,
+        proxy,
+        pool,
+        ops_load,
+        ops_faults,
+    )
 )
 
 # Groups of benchmarks run together under one name.
 SUITES: dict[str, tuple[str, ...]] = {
     "settings": ("propagation", "latency", "hotpath"),
     "accounts": ("import", "keycheck"),
-    "ops": ("ops-load",),
+    "ops": ("ops-load", "ops-faults"),
 }
