@@ -17,10 +17,12 @@ from collections import deque
 from service.accounts.live import LiveAccounts
 from service.core.connection import new_write_id
 from service.core.errors import StoreError, StoreUnavailable
+from service.core.throttled_log import ThrottledLog
 from service.ops.request_log import Entry, RequestLogStore
 from service.proxy.trace import Trace
 
 log = logging.getLogger(__name__)
+quiet = ThrottledLog(log)
 
 BATCH = 500
 INTERVAL = 0.2
@@ -68,6 +70,7 @@ class RequestLogWriter:
             try:
                 await self.store.append(entries, write_id)
             except StoreUnavailable:
+                quiet.warning("request log: Redis unavailable; entries wait in memory")
                 return False
             except StoreError:
                 # Redis refused the script itself (logged by the connection): sending the same

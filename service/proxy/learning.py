@@ -20,9 +20,11 @@ import msgspec
 from service.accounts.domain import Cooldown, HotState, Usage
 from service.accounts.hot import HotStore, LiveAccountStates
 from service.core.errors import ServiceError
+from service.core.throttled_log import ThrottledLog
 from service.proxy.units import UnitSteps, same_window
 
 log = logging.getLogger(__name__)
+quiet = ThrottledLog(log)
 
 # A cooldown without a reset time from the upstream: doubling from BASE up to MAX.
 BACKOFF_BASE_SECONDS = 2.0
@@ -159,7 +161,7 @@ class Learner:
             elif isinstance(result, BaseException):
                 raise result
         if not ok:
-            log.warning("could not share what %s account(s) learned; retrying", len(batch))
+            quiet.warning("could not share what %s account(s) learned; retrying", len(batch))
             self._wake.set()
         return ok
 

@@ -21,8 +21,10 @@ from redis.exceptions import RedisError
 
 from service.core.connection import Connection, ScriptArg
 from service.core.errors import StoreError, StoreUnavailable
+from service.core.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
+quiet = ThrottledLog(log)
 
 # Accounts with at most this many units left take them through Redis.
 RESERVE_BELOW = 10
@@ -69,7 +71,7 @@ class Reservations:
             async with asyncio.timeout(DEADLINE_SECONDS):
                 taken = await self.conn.call(lambda: self._take(keys=keys, args=args))
         except _FAILURES as exc:
-            log.warning("unit reservation failed (%s); going on unreserved", type(exc).__name__)
+            quiet.warning("unit reservation failed (%s); going on unreserved", type(exc).__name__)
             return ""
         return member if int(taken) else None
 

@@ -19,8 +19,10 @@ from redis.exceptions import RedisError
 
 from service.core.connection import Connection, text
 from service.core.errors import StoreError, StoreUnavailable
+from service.core.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
+quiet = ThrottledLog(log)
 
 # A thread idle this long loses its pin (each use slides it): Codex conversations are resumed
 # days later, and a pin is a few dozen bytes.
@@ -68,7 +70,9 @@ class RoutingState:
                 async with asyncio.timeout(LOOKUP_SECONDS):
                     value = await self.conn.call(lambda: self.client.getex(key, ex=self.ttl))
             except _FAILURES as exc:
-                log.warning("thread pin lookup failed (%s); routing without it", type(exc).__name__)
+                quiet.warning(
+                    "thread pin lookup failed (%s); routing without it", type(exc).__name__
+                )
                 return None
             if value is None:
                 return None
@@ -82,7 +86,7 @@ class RoutingState:
             async with asyncio.timeout(LOOKUP_SECONDS):
                 return int(await self.conn.call(lambda: self.client.incr(self.keys.round_robin)))
         except _FAILURES as exc:
-            log.warning("round-robin counter failed (%s); counting locally", type(exc).__name__)
+            quiet.warning("round-robin counter failed (%s); counting locally", type(exc).__name__)
             return next(self._local_turns)
 
     def pin(
@@ -101,7 +105,7 @@ class RoutingState:
                     lambda: self.client.set(key, value, ex=self.ttl, nx=not replace)
                 )
             except _FAILURES as exc:
-                log.warning("thread pin write failed (%s)", type(exc).__name__)
+                quiet.warning("thread pin write failed (%s)", type(exc).__name__)
             finally:
                 if self._unconfirmed.get(key) == value:
                     del self._unconfirmed[key]
