@@ -8,13 +8,17 @@ does not roll a failed script back, so "nothing was written" would not be true.
 
 Writes are idempotent (``Connection.write_script``): the client retries a command once after a
 connection error, and a script whose reply was lost may already have committed, so each write
-carries a write id that the script remembers for a minute and answers again.
+carries a write id that the script remembers for a minute and answers again. Each write also
+carries a deadline: a script held up on the way (a frozen link that heals later) must not commit
+after its caller was told 503, so one that starts past the deadline (by Redis's clock, just
+before the client gives up waiting) does nothing and answers ``LATE``.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -32,6 +36,7 @@ from redis.exceptions import (
     RedisError,
     ResponseError,
 )
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.core.errors import StoreError, StoreUnavailable
 from service.core.keyspace import Keyspace
@@ -39,10 +44,15 @@ from service.core.keyspace import Keyspace
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+UNKNOWN_OUTCOME = "Storage did not answer in time; the change may not have been applied"
 ScriptArg = bytes | str | int | float
 
 # How long a write's id is remembered: far longer than the one immediate retry can take.
 WRITE_ID_SECONDS = 60
+# How long the client waits for a reply; a write script must start within a little less, so its
+# reply can still arrive in time (hosts' clocks are assumed to agree within that margin).
+SOCKET_TIMEOUT_SECONDS = 2.0
+WRITE_DEADLINE_SECONDS = SOCKET_TIMEOUT_SECONDS - 0.25
 
 
 def _refused_before_running(exc: ResponseError) -> bool:
@@ -50,7 +60,7 @@ def _refused_before_running(exc: ResponseError) -> bool:
     persistence, still loading): nothing ran, and trying again later may work."""
     if isinstance(exc, OutOfMemoryError | ReadOnlyError):
         return True
-    return str(exc).startswith(("MISCONF", "OOM", "READONLY", "LOADING", "MASTERDOWN"))
+    return str(exc).startswith(("MISCONF", "OOM", "READONLY", "LOADING", "MASTERDOWN", "LATE"))
 
 
 def connect(url: str) -> aioredis.Redis:
@@ -65,7 +75,7 @@ def connect(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_url(
         url,
         socket_connect_timeout=1.0,
-        socket_timeout=2.0,
+        socket_timeout=SOCKET_TIMEOUT_SECONDS,
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         health_check_interval=15,
     )
@@ -128,13 +138,19 @@ class Connection:
 
 # Wraps a write script (see ``Connection.write_script``). The body runs as a function, so its own
 # ``return``s come back here; its reply is kept under the write id (the last key) for a minute.
+# The last argument, the deadline in epoch milliseconds, is taken off before the body runs.
 _IDEMPOTENT = """
 local function body()
 __BODY__
 end
+local deadline = tonumber(table.remove(ARGV))
 local id = KEYS[#KEYS]
 local done = redis.call('GET', id)
 if done then return cmsgpack.unpack(done) end
+local now = redis.call('TIME')
+if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > deadline then
+  return redis.error_reply('LATE the write arrived after its deadline; nothing was written')
+end
 local reply = body()
 redis.call('SET', id, cmsgpack.pack(reply), 'EX', __TTL__)
 return reply
@@ -153,7 +169,17 @@ class WriteScript:
         passes the id it used the first time (``new_write_id``)."""
         # One id per logical write, shared by the client's own retry of this very call.
         write_key = f"{self._conn.keys.write_id}{write_id or new_write_id()}"
-        return await self._conn.call(lambda: self._script(keys=[*keys, write_key], args=args))
+        deadline = int((time.time() + WRITE_DEADLINE_SECONDS) * 1000)
+        try:
+            return await self._conn.call(
+                lambda: self._script(keys=[*keys, write_key], args=[*args, deadline])
+            )
+        except StoreUnavailable as exc:
+            if isinstance(exc.__cause__, RedisTimeoutError):
+                # The script went out and no reply came: it may have run just before its
+                # deadline, so "nothing was written" cannot be promised.
+                raise StoreUnavailable(UNKNOWN_OUTCOME) from exc.__cause__
+            raise
 
 
 @asynccontextmanager
