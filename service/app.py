@@ -12,9 +12,9 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from starlette.applications import Starlette
@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp
 
 from service.accounts import routes as account_routes
 from service.accounts.hot import HotStore, LiveAccountStates
@@ -44,6 +45,7 @@ from service.core.endpoints import Endpoint, build_routes, lane_handlers
 from service.core.errors import MethodNotAllowed, NotFound, ServiceError, error_response
 from service.core.hub import Hub
 from service.core.leases import Leases
+from service.core.request_ids import RequestIds
 from service.core.secret_box import EncryptionKeyError, SecretBox, load_key
 from service.core.workers import WorkerRegistry
 from service.ops import health, openapi, usage_routes
@@ -117,6 +119,19 @@ class Parts:
     relay: Relay
     request_log: RequestLogStore
     log_writer: RequestLogWriter
+    # Work that must reach Redis before the process exits (pending request-log entries...),
+    # run by the lifespan's shutdown once no request is in flight any more. Each bounds its own
+    # time (the whole shutdown must fit in CODEX_LB_DRAIN_SECONDS plus a small margin); one that
+    # fails is logged and does not stop the others.
+    flush_before_exit: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+async def flush_all(flushes: list[Callable[[], Awaitable[None]]]) -> None:
+    for flush in flushes:
+        try:
+            await flush()
+        except Exception:
+            log.exception("flush before exit failed: %s", getattr(flush, "__qualname__", flush))
 
 
 def wire(config: Config, redis_url: str) -> Parts:
@@ -189,6 +204,8 @@ def wire(config: Config, redis_url: str) -> Parts:
     )
     for copy in (parts.settings, parts.api_keys, parts.accounts, parts.account_states):
         hub.register(copy)
+    # Every request has ended when these run: their request-log entries go out.
+    parts.flush_before_exit.append(lambda: parts.log_writer.stop(REQUEST_LOG_DRAIN_SECONDS))
     return parts
 
 
@@ -250,6 +267,14 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return error_response(request.url.path, ServiceError())
 
 
+class Service(Starlette):
+    """Starlette with the request id outside every layer, Starlette's own error layer included,
+    so every response carries ``x-codex-lb-request-id``: a 500 too."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return RequestIds(super().build_middleware_stack())
+
+
 def create_app(config: Config) -> Starlette:
     if not config.redis_url:
         raise ValueError("create_app needs CODEX_LB_REDIS_URL (the CLI sets it for embedded Redis)")
@@ -279,29 +304,33 @@ def create_app(config: Config) -> Starlette:
         try:
             yield
         finally:
+            # Reached once no request is in flight (the server drained them, or cancelled what
+            # outlived CODEX_LB_DRAIN_SECONDS).
             hub.draining = True
             polling.cancel()
             learning.cancel()
             logging_requests.cancel()
             await asyncio.wait([polling, learning, logging_requests], timeout=5)
-            # Every request has ended by now (the server drained them): their entries go out.
-            await parts.log_writer.stop(REQUEST_LOG_DRAIN_SECONDS)
             await parts.poller.stop()
-            # What traffic taught, and new thread pins, still reach Redis for the others.
+            # Serving nothing any more: leave pub/sub and the worker registry now, so the
+            # propagation view and PUT ?wait=true stop counting this process.
+            await hub.stop()
+            # What traffic taught, new thread pins, and whatever else is pending still reach
+            # Redis for the others.
             await parts.learner.stop(LEARN_DRAIN_SECONDS)
             await parts.routing.drain(LEARN_DRAIN_SECONDS)
+            await flush_all(parts.flush_before_exit)
             await parts.relay.close()
             # A refresh whose caller was cancelled still stores its tokens before the client
             # and Redis connection close (the old refresh token is spent).
             await parts.tokens.drain(TOKEN_DRAIN_SECONDS)
-            await hub.stop()
             await parts.http.aclose()
             await parts.conn.close()
 
     table = endpoints()
     owners = routes_objects(parts, table)
     admission = Admission(hub, parts.settings, parts.api_keys, config)
-    app = Starlette(
+    app = Service(
         routes=build_routes(table, owners),
         middleware=[
             Middleware(

@@ -104,9 +104,10 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     except ServiceError:
         log.warning("Redis is not reachable yet; starting anyway (not ready until it is)")
         first_run = None
-    print(f"codex-lb {__version__} listening on http://{args.host}:{args.port}", flush=True)
+    # Logged, not printed: with CODEX_LB_LOG_FORMAT=json every line of output is one object.
+    log.info("codex-lb %s listening on http://%s:%s", __version__, args.host, args.port)
     if first_run:
-        print(f"First run: {first_run}", flush=True)
+        log.info("First run: %s", first_run)
     return serve(args.host, args.port, max(1, args.workers))
 
 

@@ -53,6 +53,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     settings_reconcile_seconds: float = 1.0
     log_format: Literal["text", "json"] = "text"
     request_log_max: int = 100_000
+    # SIGTERM: how long in-flight requests may take to finish before the process exits anyway.
+    drain_seconds: float = 30.0
     # Not from the environment: the upstream's usage windows are polled once a minute; tests
     # shorten it.
     usage_poll_seconds: float = 60.0
@@ -118,4 +120,5 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             settings_reconcile_seconds=number("SETTINGS_RECONCILE_SECONDS", 1.0, minimum=0.05),
             log_format=choice("LOG_FORMAT", ("text", "json"), "text"),  # type: ignore[arg-type]
             request_log_max=whole("REQUEST_LOG_MAX", 100_000),
+            drain_seconds=number("DRAIN_SECONDS", 30.0, minimum=0),
         )

@@ -1,15 +1,22 @@
 """Running the app: one uvicorn server per OS process, and a small supervisor for N of them.
 
 The listening socket is bound once here and shared by the worker processes. SIGTERM or SIGINT
-makes each worker stop accepting, mark itself not ready (draining), finish in-flight requests
-and exit 0; the supervisor waits for all of them. A worker that dies on its own is restarted.
+makes each worker drain: it marks itself not ready at once (``/health/ready`` answers 503
+"draining", the proxy refuses new requests), keeps listening while the requests in flight
+finish (an SSE stream to its last event) so probes and late clients get that answer rather than
+a refused connection, then stops accepting, runs the app's shutdown (leaving pub/sub and the
+worker registry, flushing what is pending) and exits 0. Requests still running when
+``CODEX_LB_DRAIN_SECONDS`` are up are cancelled. The supervisor forwards the signal and waits for
+all of them. A worker that dies on its own is restarted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
+import math
 import multiprocessing
 import multiprocessing.process
 import os
@@ -27,24 +34,61 @@ from service.logs import config_dict
 
 log = logging.getLogger(__name__)
 
-GRACE_SECONDS = 60
+# How often the drain looks whether the requests in flight are done.
+DRAIN_POLL_SECONDS = 0.05
+# uvicorn's own wait for connections once it stops accepting: never zero, or it would cancel
+# requests that end in the same instant.
+SHUTDOWN_MIN_SECONDS = 0.5
+# What the supervisor allows a worker beyond the drain: the app's shutdown (normally well under
+# a second: pub/sub, registry, flushes).
+EXIT_MARGIN_SECONDS = 5.0
 
 
 class DrainingServer(uvicorn.Server):
-    """Marks the app not-ready as soon as shutdown starts, and exits 0 on SIGTERM/SIGINT."""
+    """Marks the app not-ready as soon as shutdown starts, finishes the requests in flight while
+    still listening, and exits 0 on SIGTERM/SIGINT."""
 
-    def __init__(self, config: uvicorn.Config, app: Any):
+    def __init__(self, config: uvicorn.Config, app: Any, drain_seconds: float):
         super().__init__(config)
         self._app = app
+        self.drain_seconds = drain_seconds
 
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+    def _start_draining(self) -> None:
         parts = getattr(self._app.state, "parts", None)
         if parts is not None:
             parts.hub.draining = True
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._start_draining()
         super().handle_exit(sig, frame)
         # uvicorn re-raises captured signals after shutdown, which would end the process with
         # the signal's status; a graceful stop is a clean exit.
         self._captured_signals.clear()
+
+    async def main_loop(self) -> None:
+        await super().main_loop()
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Until no request is in flight or the drain time is up; uvicorn's shutdown, which
+        stops accepting and cancels what is still running at its timeout, gets what is left."""
+        self._start_draining()
+        deadline = time.monotonic() + self.drain_seconds
+        tasks = self.server_state.tasks
+        if tasks:
+            log.info("draining: %d request(s) in flight", len(tasks))
+        # Polled: uvicorn has no event for "no request in flight" (its own shutdown polls too).
+        while tasks and not self.force_exit and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
+        left = deadline - time.monotonic()
+        if tasks and left <= 0:
+            log.warning(
+                "drain time (%ss) is up with %d request(s) in flight",
+                self.drain_seconds,
+                len(tasks),
+            )
+        # Typed int by uvicorn, but it only goes to asyncio.timeout, which takes a float.
+        self.config.timeout_graceful_shutdown = max(left, SHUTDOWN_MIN_SECONDS)  # type: ignore[assignment]
 
 
 # The youngest generation's threshold (Python's default is 700 allocations).
@@ -62,11 +106,12 @@ def run_worker(sock: socket.socket) -> None:
     uv_config = uvicorn.Config(
         app,
         log_config=config_dict(config.log_format),
-        timeout_graceful_shutdown=GRACE_SECONDS,
+        # Replaced by what is left of the drain when shutdown begins (DrainingServer.drain).
+        timeout_graceful_shutdown=math.ceil(config.drain_seconds),
         server_header=False,
         proxy_headers=False,  # forwarded headers are judged by our own trusted-proxy list
     )
-    DrainingServer(uv_config, app).run(sockets=[sock])
+    DrainingServer(uv_config, app, config.drain_seconds).run(sockets=[sock])
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -87,10 +132,10 @@ def serve(host: str, port: int, workers: int) -> int:
     if workers <= 1:
         run_worker(sock)
         return 0
-    return _supervise(sock, workers)
+    return _supervise(sock, workers, Config.from_env().drain_seconds)
 
 
-def _supervise(sock: socket.socket, workers: int) -> int:
+def _supervise(sock: socket.socket, workers: int, drain_seconds: float) -> int:
     ctx = multiprocessing.get_context("spawn")
     stopping = False
 
@@ -118,7 +163,10 @@ def _supervise(sock: socket.socket, workers: int) -> int:
         if proc.is_alive() and proc.pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + GRACE_SECONDS + 5
+    # No worker is spawned any more: once the workers close their copies, new connections are
+    # refused at once instead of waiting in a backlog nobody accepts from.
+    sock.close()
+    deadline = time.monotonic() + drain_seconds + EXIT_MARGIN_SECONDS
     for proc in procs:
         proc.join(max(0.0, deadline - time.monotonic()))
         if proc.is_alive():

@@ -1,9 +1,14 @@
-"""Fixtures: one real redis-server for the run, a fresh key prefix per test, the app in-process."""
+"""Fixtures: one real redis-server for the run, a fresh key prefix per test, the app in-process;
+and the run's secret-leak check over every log line (``tests/leaks.py``)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import shutil
+import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,7 +19,64 @@ import redis
 
 from service.app import Parts, create_app
 from service.config import Config
+from service.logs import TEXT_FORMAT, RequestIdFilter
+from tests import leaks
 from tests.support import BOOTSTRAP_TOKEN, ENCRYPTION_KEY, PASSWORD, RedisServer
+
+IN_PROCESS_LOG = "in-process.log"
+_run: dict[str, object] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The run directory, the fixed secrets, and the in-process app's log lines captured there
+    at the service's own level (INFO; httpx at WARNING), as production writes them."""
+    where = os.environ.get(leaks.RUN_DIR_ENV)
+    _run["own"] = where is None
+    if where is None:
+        where = tempfile.mkdtemp(prefix="codexlb-test-run-")
+        os.environ[leaks.RUN_DIR_ENV] = where
+    for secret, kind in (
+        (PASSWORD, "dashboard password"),
+        (BOOTSTRAP_TOKEN, "bootstrap token"),
+        (ENCRYPTION_KEY, "encryption key"),
+    ):
+        leaks.register(secret, kind)
+    leaks.watch_http()
+    handler = logging.FileHandler(Path(where) / IN_PROCESS_LOG, encoding="utf-8")
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _run["handler"] = handler
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest removes any temporary directory
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    where = leaks.run_dir()
+    if where is None:
+        return
+    found = leaks.check_run(where)
+    if found:
+        text = f"{leaks.report(found)}\n(the run's logs and registry are kept in {where})"
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(text, red=True, bold=True)
+        else:
+            print(text, file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    elif _run.get("own"):
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    handler = _run.pop("handler", None)
+    if isinstance(handler, logging.Handler):
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 @pytest.fixture(scope="session")

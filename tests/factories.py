@@ -7,6 +7,8 @@ import json
 import time
 from typing import Any
 
+from tests import leaks
+
 AUTH_CLAIM = "https://api.openai.com/auth"
 
 
@@ -43,6 +45,9 @@ def auth_json(
         }
     )
     access_token = jwt({"exp": int(exp), "sub": f"access-{tag}", "secret": f"at-secret-{tag}"})
+    leaks.register(access_token, "access token")
+    leaks.register(id_token, "id token")
+    leaks.register(refresh_token, "refresh token")
     if camel:
         tokens: dict[str, Any] = {
             "idToken": id_token,

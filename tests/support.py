@@ -18,6 +18,8 @@ from typing import Any
 import httpx
 import redis
 
+from tests import leaks
+
 BOOTSTRAP_TOKEN = "test-bootstrap-token-0123456789"
 PASSWORD = "correct horse battery staple"
 ENCRYPTION_KEY = "k4JjH7m3p0rE1uO9yVqQn2bT5wXz8cD6fG1hJ4lM7oA="
@@ -116,6 +118,7 @@ class ServeProcess:
         self.port = free_port()
         self.log_path = log_dir / f"serve-{self.port}.log"
         self._log = self.log_path.open("wb")
+        leaks.watch_log(self.log_path)
         self.proc = subprocess.Popen(
             [
                 sys.executable,

@@ -22,6 +22,7 @@ def test_defaults() -> None:
     assert config.upstream_base_url == "https://chatgpt.com/backend-api"
     assert config.auth_base_url == "https://auth.openai.com"
     assert config.log_format == "text"
+    assert config.drain_seconds == 30.0
 
 
 def test_values_are_parsed() -> None:
@@ -33,6 +34,7 @@ def test_values_are_parsed() -> None:
             "CODEX_LB_COOKIE_SECURE": "TRUE",
             "CODEX_LB_LOG_FORMAT": "json",
             "CODEX_LB_UPSTREAM_BASE_URL": "http://127.0.0.1:9/backend-api/",
+            "CODEX_LB_DRAIN_SECONDS": "0",
         }
     )
     assert config.redis_url == "redis://r:6379/1"
@@ -44,6 +46,7 @@ def test_values_are_parsed() -> None:
     assert config.cookie_secure == "true"
     assert config.log_format == "json"
     assert config.upstream_base_url == "http://127.0.0.1:9/backend-api"
+    assert config.drain_seconds == 0.0
 
 
 @pytest.mark.parametrize(
@@ -55,6 +58,8 @@ def test_values_are_parsed() -> None:
         ("TRUSTED_PROXY_CIDRS", "not-a-network"),
         ("SETTINGS_RECONCILE_SECONDS", "-1"),
         ("LOG_FORMAT", "xml"),
+        ("DRAIN_SECONDS", "-1"),
+        ("DRAIN_SECONDS", "a while"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:

@@ -117,6 +117,7 @@ async def test_a_served_request_leaves_one_full_entry(pool: Pool, fake: FakeUpst
     assert entry["output_tokens"] == usage["output_tokens"] > 0
     assert entry["reasoning_tokens"] == 0
     assert entry["upstream_request_id"] == r.headers["x-request-id"]
+    assert entry["request_id"] == r.headers["x-codex-lb-request-id"]
     assert entry["at"].endswith("Z")
     assert entry["settings_version"] == pool.h.parts.settings.current.version  # type: ignore[union-attr]
     # The thread's next turn was decided by its pin.

@@ -267,7 +267,12 @@ class Relay:
                     limits.append(cooldown.until or now + UNKNOWN_RESET_SECONDS)
                 else:
                     broken += 1
-                log.info("account %s answered %s; cooling down", account.id, response.status)
+                log.info(
+                    "account %s answered %s (upstream x-request-id %s); cooling down",
+                    account.id,
+                    response.status,
+                    response.headers.get("x-request-id", "-"),
+                )
                 continue
             if response.status == 401:
                 # Refreshed and sent again in _send already: this account cannot serve now.

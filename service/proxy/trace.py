@@ -17,6 +17,8 @@ from typing import Protocol
 
 import msgspec
 
+from service.core.request_ids import current_request_id
+
 
 @dataclass(slots=True)
 class Trace:
@@ -88,7 +90,7 @@ class TraceSink(Protocol):
 
 
 def open_trace(method: str, path: str) -> Trace:
-    trace = Trace(method, path, time.time(), time.monotonic())
+    trace = Trace(method, path, time.time(), time.monotonic(), current_request_id())
     _current.set(trace)
     return trace
 
