@@ -46,7 +46,7 @@ from service.core.hub import Hub
 from service.core.leases import Leases
 from service.core.secret_box import EncryptionKeyError, SecretBox, load_key
 from service.core.workers import WorkerRegistry
-from service.ops import health, openapi
+from service.ops import health, metrics, openapi
 from service.proxy import routes as proxy_routes
 from service.proxy.candidates import PoolView
 from service.proxy.gate import Admission, ApiKeyGate
@@ -77,6 +77,7 @@ def endpoints() -> list[Endpoint]:
         *api_key_routes.ENDPOINTS,
         *account_routes.ENDPOINTS,
         *proxy_routes.ENDPOINTS,
+        *metrics.ENDPOINTS,
         *openapi.ENDPOINTS,
     ]
 
@@ -205,6 +206,7 @@ def routes_objects(parts: Parts, table: list[Endpoint]) -> list[object]:
             config.upstream_base_url,
             parts.relay,
         ),
+        metrics.MetricsRoutes(),
         openapi.OpenApiRoutes(table),
     ]
 

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.core.endpoints import Handler
 from service.core.errors import ServiceError, openai_error_response
+from service.proxy import metrics
 from service.proxy.gate import Admission
 
 log = logging.getLogger(__name__)
@@ -51,4 +52,5 @@ class ProxyLane:
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             response = openai_error_response(ServiceError())
+        metrics.request_done(scope["path"], response.status_code)
         await response(scope, receive, send)

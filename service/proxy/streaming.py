@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -20,6 +21,7 @@ import msgspec
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from service.proxy import metrics
 from service.proxy.relay import Answer
 from service.proxy.sse import EventTap
 
@@ -123,6 +125,7 @@ class Streamed(Response):
             pass  # the client went away while we wrote to it
         finally:
             watcher.cancel()
+            metrics.upstream_done(time.perf_counter() - self.answer.sent_at)
             # A connection whose answer was read to the end goes back to the pool; any other
             # is closed, so no half-read answer is left for the next request to find.
             if complete:
