@@ -36,9 +36,9 @@ SELECTIONS = prometheus_client.Counter(
 )
 FAILOVERS = prometheus_client.Counter(
     "codex_lb_failovers",
-    "Attempts given up for another account, by cause: rate_limited (429), upstream_error (5xx), "
-    "unreachable, unauthorized (401 after a token refresh), refresh_failed, reauth_required, "
-    "account_gone",
+    "Attempts on an account that failed, so the request went on to the next account (or, with "
+    "none left, failed), by cause: rate_limited (429), upstream_error (5xx), unreachable, "
+    "unauthorized (401 after a token refresh), refresh_failed, reauth_required, account_gone",
     ["cause"],
 )
 COOLDOWNS = prometheus_client.Counter(
