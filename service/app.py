@@ -48,7 +48,7 @@ from service.core.leases import Leases
 from service.core.request_ids import RequestIds
 from service.core.secret_box import EncryptionKeyError, SecretBox, load_key
 from service.core.workers import WorkerRegistry
-from service.ops import health, openapi, usage_routes
+from service.ops import health, metrics, openapi, usage_routes
 from service.ops.log_writer import RequestLogWriter
 from service.ops.request_log import RequestLogStore
 from service.proxy import routes as proxy_routes
@@ -85,6 +85,7 @@ def endpoints() -> list[Endpoint]:
         *account_routes.ENDPOINTS,
         *proxy_routes.ENDPOINTS,
         *usage_routes.ENDPOINTS,
+        *metrics.ENDPOINTS,
         *openapi.ENDPOINTS,
     ]
 
@@ -234,6 +235,7 @@ def routes_objects(parts: Parts, table: list[Endpoint]) -> list[object]:
             parts.relay,
         ),
         usage_routes.UsageRoutes(parts.request_log, parts.api_key_store, parts.accounts),
+        metrics.MetricsRoutes(),
         openapi.OpenApiRoutes(table),
     ]
 

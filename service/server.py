@@ -8,6 +8,12 @@ a refused connection, then stops accepting, runs the app's shutdown (leaving pub
 worker registry, flushing what is pending) and exits 0. Requests still running when
 ``CODEX_LB_DRAIN_SECONDS`` are up are cancelled. The supervisor forwards the signal and waits for
 all of them. A worker that dies on its own is restarted.
+
+With several workers, their metrics are kept in files in a directory of the supervisor's own
+(prometheus_client's multiprocess mode), so ``/metrics`` on any worker reports the replica: the
+directory is made fresh for each run, named to the workers through ``PROMETHEUS_MULTIPROC_DIR``
+before they start (they decide their mode when they import prometheus_client), told when a
+worker has ended, and removed at exit. One worker keeps its metrics in memory.
 """
 
 from __future__ import annotations
@@ -20,13 +26,17 @@ import math
 import multiprocessing
 import multiprocessing.process
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
 import uvicorn
+from prometheus_client import multiprocess
 
 from service.app import create_app
 from service.config import Config
@@ -132,10 +142,24 @@ def serve(host: str, port: int, workers: int) -> int:
     if workers <= 1:
         run_worker(sock)
         return 0
-    return _supervise(sock, workers, Config.from_env().drain_seconds)
+    with _shared_metrics() as metrics_dir:
+        return _supervise(sock, workers, Config.from_env().drain_seconds, metrics_dir)
 
 
-def _supervise(sock: socket.socket, workers: int, drain_seconds: float) -> int:
+@contextlib.contextmanager
+def _shared_metrics() -> Iterator[str]:
+    """A fresh private directory for the workers' metrics, named in the environment they
+    inherit; removed afterwards. Never one inherited from our own environment: files another
+    run left there would count as ours."""
+    path = tempfile.mkdtemp(prefix="codex-lb-metrics-")  # mode 0700
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _supervise(sock: socket.socket, workers: int, drain_seconds: float, metrics_dir: str) -> int:
     ctx = multiprocessing.get_context("spawn")
     stopping = False
 
@@ -157,6 +181,8 @@ def _supervise(sock: socket.socket, workers: int, drain_seconds: float) -> int:
         for i, proc in enumerate(procs):
             if not proc.is_alive() and not stopping:
                 log.warning("worker %s exited with %s; restarting", proc.pid, proc.exitcode)
+                # Its gauges leave the replica's numbers; its counts stay in the totals.
+                multiprocess.mark_process_dead(proc.pid, metrics_dir)
                 procs[i] = spawn()
 
     for proc in procs:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
+from service.auth import metrics
 from service.auth.store import AuthStore
 from service.core.errors import RateLimited, ServiceError
 from service.core.peers import Address
@@ -39,11 +40,14 @@ async def checked(
         log.warning(
             "refused a credential check from a trusted proxy without a usable X-Forwarded-For"
         )
+        metrics.login_failed(failure.code)
         raise type(failure)(NO_CLIENT_ADDRESS)
     client_ip = str(client)
     wait = await store.begin_attempt(client_ip, [PER_CLIENT, OVERALL])
     if wait:
+        metrics.login_failed(RateLimited.code)
         raise RateLimited(wait)
     if not await check():
+        metrics.login_failed(failure.code)
         raise failure
     await store.refund_attempt(client_ip)

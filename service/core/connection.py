@@ -40,6 +40,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.core.errors import StoreError, StoreUnavailable
 from service.core.keyspace import Keyspace
+from service.core.metrics import redis_error
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +101,13 @@ class Connection:
             return await op()
         except (ResponseError, DataError) as exc:
             if isinstance(exc, ResponseError) and _refused_before_running(exc):
+                redis_error("unavailable")
                 raise StoreUnavailable() from exc
+            redis_error("error")
             log.error("redis refused a command: %s", exc)
             raise StoreError() from exc
         except (RedisError, OSError) as exc:
+            redis_error("unavailable")
             raise StoreUnavailable() from exc
 
     def script(self, body: str) -> AsyncScript:

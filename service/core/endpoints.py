@@ -39,6 +39,8 @@ class Endpoint:
     # The JSON body; with ``upload`` set, the document each uploaded part carries instead.
     request: type[Any] | None = None
     response: type[Any] | None = None
+    # A text answer of this media type instead of a JSON document (``/metrics``).
+    text: str | None = None
     status: int = 200
     # "session": a full dashboard session; "none": public; "pending": a password-only session;
     # "api_key": the proxy's API-key gate.

@@ -33,6 +33,7 @@ from typing import Protocol
 
 from service.core.connection import Connection
 from service.core.errors import StoreUnavailable
+from service.core.metrics import redis_error
 from service.core.workers import WorkerRecord, WorkerRegistry, hostname
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,8 @@ class Hub:
                 raise
             except Exception as exc:  # a dead connection, or Redis refusing: retry
                 self.redis_ok = False
+                if not isinstance(exc, StoreUnavailable):  # counted where it was raised
+                    redis_error("pubsub")
                 log.warning("pub/sub subscription lost (%s); retrying", type(exc).__name__)
             finally:
                 with contextlib.suppress(Exception):

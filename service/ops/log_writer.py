@@ -14,6 +14,8 @@ import contextlib
 import logging
 from collections import deque
 
+import prometheus_client
+
 from service.accounts.live import LiveAccounts
 from service.core.connection import new_write_id
 from service.core.errors import StoreError, StoreUnavailable
@@ -23,6 +25,14 @@ from service.proxy.trace import Trace
 
 log = logging.getLogger(__name__)
 quiet = ThrottledLog(log)
+
+ENTRIES = prometheus_client.Counter(
+    "codex_lb_request_log_entries",
+    "Request-log entries by outcome: written to Redis, or dropped (the backlog overflowed while "
+    "Redis was away, Redis refused the batch, or shutdown came before they could be written)",
+    ["outcome"],
+)
+_WRITTEN, _DROPPED = ENTRIES.labels("written"), ENTRIES.labels("dropped")
 
 BATCH = 500
 INTERVAL = 0.2
@@ -78,6 +88,7 @@ class RequestLogWriter:
                 self._lost(len(entries))
             else:
                 self.written += len(entries)
+                _WRITTEN.inc(len(entries))
             self._retry = None
         return True
 
@@ -92,6 +103,7 @@ class RequestLogWriter:
 
     def _lost(self, count: int) -> None:
         self.dropped += count
+        _DROPPED.inc(count)
 
     def _entry(self, trace: Trace) -> Entry:
         account = self.accounts.accounts.get(trace.account_id) if trace.account_id else None

@@ -209,6 +209,8 @@ def _operation(ep: Endpoint, refs: dict[Any, Any], envelope: dict[str, Any]) -> 
     ok: dict[str, Any] = {"description": {201: "Created", 204: "No content"}.get(ep.status, "OK")}
     if ep.response is not None:
         ok["content"] = {"application/json": {"schema": refs[ep.response]}}
+    elif ep.text is not None:
+        ok["content"] = {ep.text: {"schema": {"type": "string"}}}
     if ep.headers:
         ok["headers"] = {
             h: {"description": d, "schema": {"type": "string"}} for h, d in ep.headers.items()

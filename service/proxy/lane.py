@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.core.endpoints import Handler
 from service.core.errors import ServiceError, openai_error_response
+from service.proxy import metrics
 from service.proxy.gate import Admission
 from service.proxy.trace import TraceSink, close_trace, open_trace
 
@@ -60,6 +61,7 @@ class ProxyLane:
             trace.failed(ServiceError.code)
             response = openai_error_response(ServiceError())
         trace.status = response.status_code
+        metrics.request_done(scope["path"], response.status_code)
         try:
             await response(scope, receive, send)
         finally:

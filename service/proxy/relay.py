@@ -29,7 +29,7 @@ from service.core.errors import (
     UsageLimitReached,
 )
 from service.core.secret_box import EncryptionKeyError, SecretBox
-from service.proxy import ratelimits
+from service.proxy import metrics, ratelimits
 from service.proxy.balancer import (
     Choice,
     Pin,
@@ -75,6 +75,8 @@ class Answer:
     account_id: str
     pinned: bool
     attempts: int
+    # When the request that got this answer was sent (``time.perf_counter``), for its timings.
+    sent_at: float
 
     def release(self) -> None:
         self.response.release()
@@ -224,18 +226,24 @@ class Relay:
             if account is None:  # deleted between the pick and now
                 self.reservations.give_back(choice.account_id, unit)
                 failed.add(choice.account_id)
+                metrics.failover("account_gone")
                 continue
             failed.add(account.id)
+            metrics.selected(account.id, policy.routing_strategy)
+            sent_at = time.perf_counter()
             try:
                 response = await self._send(account, out)
             except ReauthRequired as exc:
                 # Marked for re-import by the token manager: it leaves the pool by itself.
                 log.warning("account %s skipped: %s", account.id, exc)
+                metrics.failover("reauth_required")
                 continue
             except RefreshFailed as exc:
                 # The auth server is not answering: try this account again later.
                 log.warning("account %s skipped: %s", account.id, exc)
                 self.learner.failed(account.id, time.time(), None)
+                metrics.failover("refresh_failed")
+                metrics.cooldown("refresh_failed")
                 continue
             except StoreUnavailable:
                 # Its token needs a refresh, and a refresh needs Redis (the refresh token is
@@ -254,7 +262,10 @@ class Relay:
             if response is None:
                 broken += 1
                 self.learner.failed(account.id, now, None)
+                metrics.failover("unreachable")
+                metrics.cooldown("unreachable")
                 continue
+            metrics.upstream_first_byte(time.perf_counter() - sent_at)
             self._learn_headers(account.id, response, now)
             if response.status == 429 or response.status >= 500:
                 resets_at = None
@@ -267,6 +278,9 @@ class Relay:
                     limits.append(cooldown.until or now + UNKNOWN_RESET_SECONDS)
                 else:
                     broken += 1
+                cause = "rate_limited" if limited else "upstream_error"
+                metrics.failover(cause)
+                metrics.cooldown(cause)
                 log.info(
                     "account %s answered %s (upstream x-request-id %s); cooling down",
                     account.id,
@@ -277,9 +291,11 @@ class Relay:
             if response.status == 401:
                 # Refreshed and sent again in _send already: this account cannot serve now.
                 response.release()
+                metrics.failover("unauthorized")
                 continue
             self.learner.served(account.id, now)
             if sticky and out.thread_id is not None:
+                metrics.sticky(hit=choice.pinned, had_pin=pinned_to is not None, moved=choice.repin)
                 if choice.repin:
                     self.routing.pin(out.thread_id, account.id, replace=pinned_to is not None)
                 elif choice.detour and pinned_to is not None:
@@ -289,7 +305,7 @@ class Relay:
             if trace is not None:
                 trace.account_id, trace.thread_sticky = account.id, choice.pinned
                 trace.upstream_request_id = response.headers.get("x-request-id")
-            return Answer(response, account.id, choice.pinned, attempt)
+            return Answer(response, account.id, choice.pinned, attempt, sent_at)
         if broken:
             raise UpstreamUnavailable()
         if limits:

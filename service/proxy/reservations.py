@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from service.core.connection import Connection, ScriptArg
 from service.core.errors import StoreError, StoreUnavailable
+from service.core.metrics import redis_timed_out
 from service.core.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Reservations:
             async with asyncio.timeout(DEADLINE_SECONDS):
                 taken = await self.conn.call(lambda: self._take(keys=keys, args=args))
         except _FAILURES as exc:
+            redis_timed_out(exc)
             quiet.warning("unit reservation failed (%s); going on unreserved", type(exc).__name__)
             return ""
         return member if int(taken) else None

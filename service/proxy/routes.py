@@ -30,6 +30,7 @@ from service.core.errors import (
     UpstreamUnavailable,
     UsageLimitReached,
 )
+from service.proxy import metrics
 from service.proxy.candidates import candidates
 from service.proxy.chat import ChatCollector, ChatStream, InvalidChatRequest, chat_request
 from service.proxy.pool_usage import PoolUsage, pool_usage
@@ -234,6 +235,7 @@ class ProxyRoutes:
             raise UpstreamError(f"The upstream stream broke off ({type(exc).__name__})") from None
         finally:
             upstream.close()
+            metrics.upstream_done(time.perf_counter() - answer.sent_at)
         if collector.failed is not None:
             raise UpstreamError(collector.failed.message)
         headers = {

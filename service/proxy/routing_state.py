@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 
 from service.core.connection import Connection, text
 from service.core.errors import StoreError, StoreUnavailable
+from service.core.metrics import redis_timed_out
 from service.core.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class RoutingState:
                 async with asyncio.timeout(LOOKUP_SECONDS):
                     value = await self.conn.call(lambda: self.client.getex(key, ex=self.ttl))
             except _FAILURES as exc:
+                redis_timed_out(exc)
                 quiet.warning(
                     "thread pin lookup failed (%s); routing without it", type(exc).__name__
                 )
@@ -86,6 +88,7 @@ class RoutingState:
             async with asyncio.timeout(LOOKUP_SECONDS):
                 return int(await self.conn.call(lambda: self.client.incr(self.keys.round_robin)))
         except _FAILURES as exc:
+            redis_timed_out(exc)
             quiet.warning("round-robin counter failed (%s); counting locally", type(exc).__name__)
             return next(self._local_turns)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -20,6 +21,7 @@ import msgspec
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from service.proxy import metrics
 from service.proxy.relay import Answer
 from service.proxy.sse import EventTap
 from service.proxy.trace import Trace, current_trace
@@ -146,6 +148,7 @@ class Streamed(Response):
             watcher.cancel()
             if trace is not None and not complete:
                 trace.failed("client_disconnected")
+            metrics.upstream_done(time.perf_counter() - self.answer.sent_at)
             # A connection whose answer was read to the end goes back to the pool; any other
             # is closed, so no half-read answer is left for the next request to find.
             if complete:

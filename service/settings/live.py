@@ -18,6 +18,7 @@ from collections.abc import Callable
 import msgspec
 
 from service.core.errors import NotReady, StoreUnavailable
+from service.settings import metrics
 from service.settings.store import SettingsRecord, SettingsStore, initial_settings
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,10 @@ class LiveSettings:
         self.current = record
         self.settings_lost = False
         self.applied_at = time.time()
+        # A change that reached a running process: how long it took (not the first load).
+        metrics.applied(
+            record.version, None if current is None else self.applied_at - record.changed_at
+        )
         for listener in self.on_apply:
             listener()
         log.debug("applied settings version %s", record.version)
