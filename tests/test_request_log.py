@@ -218,6 +218,8 @@ async def test_paging_and_filters(pool: Pool, fake: FakeUpstream) -> None:
         if before is None:
             break
     assert seen == [e["id"] for e in every]
+    nothing = (await pool.client.get(LOGS, params={"before": "0-0"})).json()
+    assert nothing == {"requests": [], "next_before": None}
     assert len(set(seen)) == 7
     by_key = (await pool.client.get(LOGS, params={"api_key_id": key_id})).json()["requests"]
     assert len(by_key) == 3
@@ -238,11 +240,15 @@ async def test_paging_and_filters(pool: Pool, fake: FakeUpstream) -> None:
         (LOGS, {"limit": "0"}, "limit"),
         (LOGS, {"limit": "501"}, "limit"),
         (LOGS, {"limit": "ten"}, "limit"),
+        (LOGS, {"limit": ""}, "limit"),
+        (LOGS, {"before": "99999999999999999999-0"}, "before"),
+        (LOGS, {"before": ""}, "before"),
         (LOGS, {"before": "yesterday"}, "before"),
         (LOGS, {"status": "bad"}, "status"),
         (LOGS, {"status": "99"}, "status"),
         (LOGS, {"account_id": "x" * 201}, "account_id"),
         (SUMMARY, {"window": "1h"}, "window"),
+        (SUMMARY, {"window": ""}, "window"),
     ],
 )
 async def test_bad_query_is_422_naming_the_field(

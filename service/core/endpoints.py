@@ -47,6 +47,9 @@ class Endpoint:
     auth: str = "session"
     errors: tuple[type[ServiceError], ...] = ()
     query: tuple[tuple[str, str], ...] = ()
+    # JSON schemas of query parameters the handler checks more strictly than "a string" (the
+    # document says what is accepted, so a valid-looking value is never refused).
+    query_schema: dict[str, dict[str, Any]] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
     # Multipart part name: the body is one or more such parts, each a ``request`` document, or
     # one ``request`` document sent as JSON.

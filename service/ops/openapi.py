@@ -173,7 +173,7 @@ def _parameters(ep: Endpoint) -> list[dict[str, Any]]:
             "in": "query",
             "required": False,
             "description": d,
-            "schema": {"type": "string"},
+            "schema": ep.query_schema.get(n, {"type": "string"}),
         }
         for n, d in ep.query
     ]

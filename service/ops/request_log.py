@@ -27,7 +27,8 @@ WINDOW_HOURS = {"24h": 24, "7d": 7 * 24}
 # How many entries one page may read past while looking for filter matches; a page that stops
 # short says where to go on (``next_before``).
 SCAN_BUDGET = 20_000
-STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+ENTRY_ID_PATTERN = r"^[0-9]{1,19}-[0-9]{1,19}$"
+STREAM_ID = re.compile(ENTRY_ID_PATTERN)
 # The usage metrics of one key or account, by their field suffix in an hour's hash.
 METRICS = ("requests", "errors", "input_tokens", "cached_input_tokens", "output_tokens")
 KEYLESS = "-"  # the key "id" of requests that came without an API key
@@ -152,6 +153,8 @@ class RequestLogStore:
         client = self.conn.client
         key = self.conn.keys.request_log
         found: list[tuple[str, Entry]] = []
+        if before is not None and before.strip("0") == "-":
+            return found, None  # nothing is older than the first possible id
         upper = f"({before}" if before else "+"
         scanned = 0
         chunk = max(limit, 100) if where == Filter() else 500
@@ -229,4 +232,8 @@ def _counted(entry: Entry) -> Iterable[tuple[str, int]]:
 
 
 def valid_entry_id(value: str) -> bool:
-    return bool(STREAM_ID.match(value))
+    """A stream entry id Redis accepts: two unsigned 64-bit numbers."""
+    if not STREAM_ID.fullmatch(value):
+        return False
+    ms, seq = value.split("-")
+    return int(ms) < 2**64 and int(seq) < 2**64

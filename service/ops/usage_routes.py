@@ -14,6 +14,7 @@ from service.core.bodies import ResponseBody, json_response, rfc3339
 from service.core.endpoints import Endpoint
 from service.core.errors import ValidationFailed
 from service.ops.request_log import (
+    ENTRY_ID_PATTERN,
     WINDOW_HOURS,
     Entry,
     Filter,
@@ -161,7 +162,7 @@ class UsageRoutes:
 
     async def request_logs(self, request: Request) -> Response:
         limit = _limit(request)
-        before = _id(request, "before")
+        before = request.query_params.get("before")
         if before is not None and not valid_entry_id(before):
             raise _invalid("before", "must be an entry id from a previous page")
         where = Filter(
@@ -225,6 +226,18 @@ ENDPOINTS = [
             ("account_id", "only requests served by this account"),
             ("status", "an HTTP status, or ok / error"),
         ),
+        query_schema={
+            "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+            "before": {"type": "string", "pattern": ENTRY_ID_PATTERN},
+            "api_key_id": {"type": "string", "maxLength": MAX_ID_LENGTH},
+            "account_id": {"type": "string", "maxLength": MAX_ID_LENGTH},
+            "status": {
+                "anyOf": [
+                    {"type": "integer", "minimum": 100, "maximum": 599},
+                    {"type": "string", "enum": ["ok", "error"]},
+                ]
+            },
+        },
     ),
     Endpoint(
         "GET",
@@ -235,5 +248,6 @@ ENDPOINTS = [
         response=UsageSummary,
         errors=(ValidationFailed,),
         query=(("window", "24h (default) or 7d"),),
+        query_schema={"window": {"type": "string", "enum": list(WINDOW_HOURS)}},
     ),
 ]
