@@ -275,7 +275,10 @@ async def test_not_ready_until_every_copy_has_loaded(
         assert (await h.client.get("/v1/models")).status_code == 503
 
         raw_redis.delete(f"{prefix}accounts")
+        # Both copies that read the index (the accounts, their hot states) load in the same
+        # reconcile round, one after the other.
         await eventually(
-            lambda: h.parts.accounts.loaded, timeout=config.settings_reconcile_seconds + 1
+            lambda: h.parts.accounts.loaded and h.parts.account_states.loaded,
+            timeout=config.settings_reconcile_seconds + 1,
         )
         assert (await h.client.get("/health/ready")).status_code == 200
