@@ -58,11 +58,12 @@ export function message(kind, ...children) {
 
 // A usage bar: the width is set through the CSSOM (allowed by the page's CSP, unlike a style
 // attribute); the number beside it is what screen readers read.
-export function bar(percent) {
+// ``alarm``: a usage bar turns red near its limit; a share of the total never does.
+export function bar(percent, alarm = true) {
   const value = Math.max(0, Math.min(100, Number(percent) || 0));
   const fill = h("span");
   fill.style.width = `${value}%`;
-  return h("div", { class: value >= 90 ? "bar high" : "bar", "aria-hidden": "true" }, fill);
+  return h("div", { class: alarm && value >= 90 ? "bar high" : "bar", "aria-hidden": "true" }, fill);
 }
 
 export function tableWrap(label, table) {
@@ -80,7 +81,7 @@ export function table(headers, rows) {
 }
 
 function numeric(header) {
-  return /^(Requests|Errors|Input|Cached|Output|Tokens|First event|Duration)/.test(header) ? "num" : null;
+  return /^(Version|Requests|Errors|Input|Cached|Output|Tokens|First event|Duration)/.test(header) ? "num" : null;
 }
 
 // Copies text; the Clipboard API needs a secure context (https or loopback), so on plain http

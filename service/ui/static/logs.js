@@ -142,7 +142,7 @@ function usageTable(label, rows) {
           "tr",
           {},
           h("td", {}, name),
-          h("td", {}, bar((100 * t.requests) / most)),
+          h("td", {}, bar((100 * t.requests) / most, false)),
           h("td", { class: "num" }, num(t.requests)),
           h("td", { class: "num" }, num(t.errors)),
           h("td", { class: "num" }, num(t.input_tokens)),

@@ -53,7 +53,11 @@ const STRATEGIES = [
     "Distribute requests evenly across all active accounts, regardless of their current usage levels. Best for testing environments, or when you want predictable distribution.",
   ],
 ];
-const LABELS = Object.fromEntries([...TOGGLES.map((t) => [t.name, t.label]), ["routing_strategy", "Routing strategy"]]);
+const LABELS = Object.fromEntries([
+  ...TOGGLES.map((t) => [t.name, t.label]),
+  ["routing_strategy", "Routing strategy"],
+  ["totp_configured", "TOTP configured"],
+]);
 
 export async function render(view, ctx) {
   const [{ data: current }, { data: keyList }, { data: history }] = await Promise.all([
