@@ -447,6 +447,28 @@ def test_a_conflicting_save_is_shown_with_the_new_values(stack: Stack, watch: Wa
     assert stack.api("/api/settings")["sticky_threads_enabled"] is (not was)
 
 
+# --- the password and TOTP off again -------------------------------------------------------------
+
+
+def test_change_the_password_and_disable_totp(stack: Stack, watch: Watch) -> None:
+    page = stack.page
+    go(page, "Security")
+    for old, new in ((PASSWORD, PASSWORD + " 2"), (PASSWORD + " 2", PASSWORD)):
+        page.get_by_label("Current password").fill(old)
+        page.get_by_label("New password", exact=True).fill(new)
+        page.get_by_label("Repeat the new password").fill(new)
+        page.get_by_role("button", name="Change password").click()
+        expect(page.get_by_role("status").filter(has_text="Password changed")).to_be_visible()
+        assert stack.api(SESSION)["authenticated"] is True  # this session is kept
+    page.get_by_label("Code to disable TOTP").fill(stack.codes.next())
+    page.get_by_role("button", name="Disable TOTP").click()
+    expect(page.get_by_role("status").filter(has_text="TOTP is disabled.")).to_be_visible()
+    expect(page.get_by_role("button", name="Set up TOTP")).to_be_visible()
+    settings = stack.api("/api/settings")
+    assert settings["totp_configured"] is False
+    assert settings["totp_required_on_login"] is False
+
+
 # --- small screens, the keyboard, weight and speed ----------------------------------------------
 
 

@@ -85,8 +85,9 @@ class Watch:
 
 class Codes:
     """TOTP codes for one secret, each from a later time step than the last one used: the
-    server accepts a step once and only a later one after it (CONTRACT §3). Steps within +1 of
-    now are accepted, so a test rarely waits."""
+    server accepts a step once and only a later one after it (CONTRACT §3). It accepts steps
+    within ±1 of now, so three codes fit in one step and a test rarely waits (the previous step
+    only while more than 5 s of this one are left, so it cannot expire on the way)."""
 
     def __init__(self) -> None:
         self.secret: str | None = None
@@ -96,8 +97,10 @@ class Codes:
         assert self.secret is not None, "TOTP is not set up yet"
         totp = pyotp.TOTP(self.secret)
         while True:
-            now_step = int(time.time() // 30)
-            step = max(now_step, self.last_step + 1)
+            now = time.time()
+            now_step = int(now // 30)
+            earliest = now_step - 1 if 30 - now % 30 > 5 else now_step
+            step = max(earliest, self.last_step + 1)
             if step <= now_step + 1:
                 self.last_step = step
                 return totp.at(step * 30)
