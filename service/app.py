@@ -64,6 +64,7 @@ from service.proxy.units import UnitSteps
 from service.settings import routes as settings_routes
 from service.settings.live import LiveSettings
 from service.settings.store import SettingsStore
+from service.ui import routes as ui_routes
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +334,8 @@ def create_app(config: Config) -> Starlette:
     owners = routes_objects(parts, table)
     admission = Admission(hub, parts.settings, parts.api_keys, config)
     app = Service(
-        routes=build_routes(table, owners),
+        # The dashboard's page and files: not API routes, so not in the table (ui.routes).
+        routes=[*build_routes(table, owners), *ui_routes.UiRoutes().routes()],
         middleware=[
             Middleware(
                 ProxyLane,

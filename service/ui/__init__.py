@@ -1,0 +1,1 @@
+"""The dashboard web UI: static files (``static/``) served at ``/`` by the same app."""
