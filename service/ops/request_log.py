@@ -108,7 +108,11 @@ local maxlen = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
 for i = 1, n do
-  redis.call('XADD', KEYS[1], 'MAXLEN', maxlen, '*', 'e', ARGV[3 + i])
+  redis.call('XADD', KEYS[1], '*', 'e', ARGV[3 + i])
+end
+-- One trim for the batch: trimming on every XADD costs Redis a call per entry.
+if n > 0 then
+  redis.call('XTRIM', KEYS[1], 'MAXLEN', maxlen)
 end
 local i = 4 + n
 while i <= #ARGV do
