@@ -21,6 +21,7 @@ from service.app import Parts, create_app
 from service.config import Config
 from service.logs import TEXT_FORMAT, RequestIdFilter
 from tests import leaks
+from tests.fake_upstream import FakeUpstream, running_fake
 from tests.support import BOOTSTRAP_TOKEN, ENCRYPTION_KEY, PASSWORD, RedisServer
 
 IN_PROCESS_LOG = "in-process.log"
@@ -123,6 +124,29 @@ def make_config(redis_url: str, prefix: str, data_dir: Path, **overrides: object
 @pytest.fixture
 def config(redis_url: str, prefix: str, tmp_path: Path, raw_redis: redis.Redis) -> Config:
     return make_config(redis_url, prefix, tmp_path)
+
+
+# The fake upstream, one process per test module (reset for each test), and a config pointing
+# the app's upstream and auth server at it.
+@pytest.fixture(scope="module")
+def fake_process() -> Iterator[FakeUpstream]:
+    with running_fake() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake(fake_process: FakeUpstream) -> FakeUpstream:
+    fake_process.reset()
+    return fake_process
+
+
+@pytest.fixture
+def proxy_config(
+    redis_url: str, prefix: str, tmp_path: Path, raw_redis: redis.Redis, fake: FakeUpstream
+) -> Config:
+    return make_config(
+        redis_url, prefix, tmp_path, upstream_base_url=fake.url, auth_base_url=fake.url
+    )
 
 
 class AppHarness:

@@ -12,7 +12,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,8 +23,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import Config
-from tests.conftest import AppHarness, make_config, setup_password
-from tests.fake_upstream import FakeUpstream, running_fake
+from tests.conftest import AppHarness, setup_password
+from tests.fake_upstream import FakeUpstream
 from tests.proxy_support import IMPORT, RESPONSES, body, ids_by_name, import_files
 from tests.support import BOOTSTRAP_TOKEN, PASSWORD, ServeProcess, base_env, wait_until
 
@@ -56,27 +56,6 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0)
     while not await check():
         assert time.monotonic() < deadline, "not within the time allowed"
         await asyncio.sleep(0.02)
-
-
-@pytest.fixture(scope="module")
-def fake_process() -> Iterator[FakeUpstream]:
-    with running_fake() as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake(fake_process: FakeUpstream) -> FakeUpstream:
-    fake_process.reset()
-    return fake_process
-
-
-@pytest.fixture
-def proxy_config(
-    redis_url: str, prefix: str, tmp_path: Path, raw_redis: redis.Redis, fake: FakeUpstream
-) -> Config:
-    return make_config(
-        redis_url, prefix, tmp_path, upstream_base_url=fake.url, auth_base_url=fake.url
-    )
 
 
 @pytest.fixture

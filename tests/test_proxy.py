@@ -7,16 +7,15 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
 from service.config import Config
 from tests.conftest import AppHarness, make_config, setup_password
-from tests.fake_upstream import FakeUpstream, running_fake
+from tests.fake_upstream import FakeUpstream
 from tests.proxy_support import (
     IMPORT,
     RESPONSES,
@@ -28,27 +27,6 @@ from tests.proxy_support import (
     sse_text,
 )
 from tests.support import RedisServer
-
-
-@pytest.fixture(scope="module")
-def fake_process() -> Iterator[FakeUpstream]:
-    with running_fake() as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake(fake_process: FakeUpstream) -> FakeUpstream:
-    fake_process.reset()
-    return fake_process
-
-
-@pytest.fixture
-def proxy_config(
-    redis_url: str, prefix: str, tmp_path: Path, raw_redis: redis.Redis, fake: FakeUpstream
-) -> Config:
-    return make_config(
-        redis_url, prefix, tmp_path, upstream_base_url=fake.url, auth_base_url=fake.url
-    )
 
 
 @pytest.fixture

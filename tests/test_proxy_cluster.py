@@ -16,19 +16,13 @@ import httpx
 import pytest
 import redis
 
-from tests.fake_upstream import FakeUpstream, running_fake
+from tests.fake_upstream import FakeUpstream
 from tests.proxy_support import IMPORT, RESPONSES, answered_by, body, ids_by_name, import_files
 from tests.support import BOOTSTRAP_TOKEN, PASSWORD, ServeProcess, base_env, serve_cluster
 
 pytestmark = pytest.mark.timeout(120)
 
 TIMEOUT = 10.0
-
-
-@pytest.fixture(scope="module")
-def fake_process() -> Iterator[FakeUpstream]:
-    with running_fake() as fake:
-        yield fake
 
 
 class Cluster:

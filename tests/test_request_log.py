@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from service.config import Config
 from service.core.connection import Connection, connect, new_write_id
 from service.ops.request_log import Entry, RequestLogStore
 from tests.conftest import PASSWORD, AppHarness, make_config, setup_password
-from tests.fake_upstream import FakeUpstream, running_fake
+from tests.fake_upstream import FakeUpstream
 from tests.proxy_support import RESPONSES, Pool, body, event_names
 from tests.support import RedisServer
 
@@ -28,19 +28,7 @@ SUMMARY = "/api/usage/summary"
 PROMPT = "a-prompt-that-must-never-be-stored"
 
 
-@pytest.fixture(scope="module")
-def fake_process() -> Iterator[FakeUpstream]:
-    with running_fake() as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake(fake_process: FakeUpstream) -> FakeUpstream:
-    fake_process.reset()
-    return fake_process
-
-
-def proxy_config(
+def config_for(
     redis_url: str, prefix: str, tmp_path: Path, fake: FakeUpstream, **extra: Any
 ) -> Config:
     return make_config(
@@ -52,7 +40,7 @@ def proxy_config(
 async def pool(
     redis_url: str, prefix: str, tmp_path: Path, raw_redis: redis.Redis, fake: FakeUpstream
 ) -> AsyncIterator[Pool]:
-    async with AppHarness(proxy_config(redis_url, prefix, tmp_path, fake)) as h:
+    async with AppHarness(config_for(redis_url, prefix, tmp_path, fake)) as h:
         await setup_password(h.client)
         yield Pool(h, fake)
 
@@ -305,7 +293,7 @@ async def test_the_log_is_capped_and_zero_turns_it_off(
 ) -> None:
     for cap, kept in ((3, 3), (0, 0)):
         raw_redis.delete(f"{prefix}request_log")
-        config = proxy_config(redis_url, prefix, tmp_path, fake, request_log_max=cap)
+        config = config_for(redis_url, prefix, tmp_path, fake, request_log_max=cap)
         async with AppHarness(config) as h:
             pool = Pool(h, fake)
             if cap:
@@ -350,7 +338,7 @@ async def test_entries_made_while_redis_is_away_are_written_once_it_returns(
 ) -> None:
     server = RedisServer(appendonly=True).start()
     try:
-        config = proxy_config(server.url, prefix, tmp_path, fake)
+        config = config_for(server.url, prefix, tmp_path, fake)
         async with AppHarness(config) as h:
             await setup_password(h.client)
             pool = Pool(h, fake)

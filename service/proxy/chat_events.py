@@ -17,6 +17,8 @@ from typing import Any
 
 import msgspec
 
+from service.proxy.token_usage import TokenUsage
+
 # --- what we read from the upstream (msgspec skips every other field) -------------------------
 
 
@@ -48,22 +50,6 @@ class _Item(msgspec.Struct):
 class _ItemEvent(msgspec.Struct):
     item: _Item
     output_index: int | None = None
-
-
-class _InputDetails(msgspec.Struct):
-    cached_tokens: int | None = None
-
-
-class _OutputDetails(msgspec.Struct):
-    reasoning_tokens: int | None = None
-
-
-class _Usage(msgspec.Struct):
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    total_tokens: int | None = None
-    input_tokens_details: _InputDetails | None = None
-    output_tokens_details: _OutputDetails | None = None
 
 
 class _Response(msgspec.Struct):
@@ -243,7 +229,7 @@ class ResponseReader:
     def _completed(self, response: _Response, *, incomplete: bool) -> None:
         if response.usage is not None:
             with contextlib.suppress(msgspec.ValidationError):
-                self._usage = _chat_usage(msgspec.convert(response.usage, _Usage))
+                self._usage = _chat_usage(msgspec.convert(response.usage, TokenUsage))
         reason = self._default_finish_reason()
         if incomplete:  # cut by the output limit, unless the details say a filter did it
             details = response.incomplete_details
@@ -301,10 +287,10 @@ def _failure(data: bytes) -> ErrorInfo:
     )
 
 
-def _chat_usage(usage: _Usage) -> ChatUsage:
+def _chat_usage(usage: TokenUsage) -> ChatUsage:
     prompt, completion = usage.input_tokens or 0, usage.output_tokens or 0
-    cached = usage.input_tokens_details and usage.input_tokens_details.cached_tokens
-    reasoning = usage.output_tokens_details and usage.output_tokens_details.reasoning_tokens
+    cached = usage.cached_tokens
+    reasoning = usage.reasoning_tokens
     return ChatUsage(
         prompt_tokens=prompt,
         completion_tokens=completion,

@@ -18,6 +18,7 @@ from typing import Protocol
 import msgspec
 
 from service.core.request_ids import current_request_id
+from service.proxy.token_usage import TokenUsage
 
 
 @dataclass(slots=True)
@@ -55,15 +56,11 @@ class Trace:
         if self.error_code is None:
             self.error_code = code
 
-    def usage(self, usage: _Usage) -> None:
+    def usage(self, usage: TokenUsage) -> None:
         self.input_tokens = usage.input_tokens
         self.output_tokens = usage.output_tokens
-        self.cached_input_tokens = (
-            usage.input_tokens_details.cached_tokens if usage.input_tokens_details else None
-        )
-        self.reasoning_tokens = (
-            usage.output_tokens_details.reasoning_tokens if usage.output_tokens_details else None
-        )
+        self.cached_input_tokens = usage.cached_tokens
+        self.reasoning_tokens = usage.reasoning_tokens
 
     def completed_event(self, data: bytes) -> None:
         """A ``response.completed`` event's data: its usage, when it reads."""
@@ -110,29 +107,14 @@ _current: contextvars.ContextVar[Trace | None] = contextvars.ContextVar(
 )
 
 
-# Lenient shapes: anything unexpected in the upstream's answer means "no counts", not an error.
-class _InputDetails(msgspec.Struct):
-    cached_tokens: int | None = None
-
-
-class _OutputDetails(msgspec.Struct):
-    reasoning_tokens: int | None = None
-
-
-class _Usage(msgspec.Struct):
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    input_tokens_details: _InputDetails | None = None
-    output_tokens_details: _OutputDetails | None = None
-
-
 class _Response(msgspec.Struct):
-    usage: _Usage | None = None
+    usage: TokenUsage | None = None
 
 
 class _Completed(msgspec.Struct):
     response: _Response
 
 
+# Lenient: anything unexpected in the upstream's answer means "no counts", not an error.
 _completed = msgspec.json.Decoder(_Completed)
 _answer = msgspec.json.Decoder(_Response)
