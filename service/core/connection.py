@@ -45,6 +45,10 @@ from service.core.metrics import redis_error
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# What a call through ``Connection`` may raise when Redis is slow, away or refuses: the failures a
+# best-effort use on the request's path (a pin, a turn, a reservation) degrades on. TimeoutError
+# is the caller's own deadline running out.
+REDIS_FAILURES = (StoreUnavailable, StoreError, RedisError, OSError, TimeoutError)
 UNKNOWN_OUTCOME = "Storage did not answer in time; the change may not have been applied"
 ScriptArg = bytes | str | int | float
 

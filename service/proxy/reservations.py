@@ -17,10 +17,7 @@ import logging
 import secrets
 import time
 
-from redis.exceptions import RedisError
-
-from service.core.connection import Connection, ScriptArg
-from service.core.errors import StoreError, StoreUnavailable
+from service.core.connection import REDIS_FAILURES, Connection, ScriptArg
 from service.core.metrics import redis_timed_out
 from service.core.throttled_log import ThrottledLog
 
@@ -34,7 +31,6 @@ RESERVATION_SECONDS = 60.0
 DEADLINE_SECONDS = 0.5
 # Well over the time an answer's usage takes to reach every process.
 RELEASE_AFTER_SECONDS = 1.0
-_FAILURES = (StoreUnavailable, StoreError, RedisError, OSError, TimeoutError)
 
 # KEYS: the account's set. ARGV: member, now, known usage's time, units left, lapse seconds.
 # Returns 1 (taken) or 0 (the units left are all spoken for).
@@ -71,7 +67,7 @@ class Reservations:
         try:
             async with asyncio.timeout(DEADLINE_SECONDS):
                 taken = await self.conn.call(lambda: self._take(keys=keys, args=args))
-        except _FAILURES as exc:
+        except REDIS_FAILURES as exc:
             redis_timed_out(exc)
             quiet.warning("unit reservation failed (%s); going on unreserved", type(exc).__name__)
             return ""
@@ -89,7 +85,7 @@ class Reservations:
             await asyncio.sleep(RELEASE_AFTER_SECONDS)
             try:
                 await self.conn.call(lambda: self.conn.client.zrem(key, member))
-            except _FAILURES as exc:
+            except REDIS_FAILURES as exc:
                 log.debug("unit release failed (%s); it lapses", type(exc).__name__)
 
         # Not awaited at shutdown: a reservation left behind lapses, and no usage it stood for

@@ -15,10 +15,7 @@ import itertools
 import logging
 from typing import NamedTuple
 
-from redis.exceptions import RedisError
-
-from service.core.connection import Connection, text
-from service.core.errors import StoreError, StoreUnavailable
+from service.core.connection import REDIS_FAILURES, Connection, text
 from service.core.metrics import redis_timed_out
 from service.core.throttled_log import ThrottledLog
 
@@ -30,7 +27,6 @@ quiet = ThrottledLog(log)
 PIN_TTL_SECONDS = 7 * 24 * 3600
 # How long a request waits for the shared routing state before routing without it.
 LOOKUP_SECONDS = 0.5
-_FAILURES = (StoreUnavailable, StoreError, RedisError, OSError, TimeoutError)
 
 
 # A pin is stored as the account id, or the account id and the detour's, tab-separated.
@@ -70,7 +66,7 @@ class RoutingState:
             try:
                 async with asyncio.timeout(LOOKUP_SECONDS):
                     value = await self.conn.call(lambda: self.client.getex(key, ex=self.ttl))
-            except _FAILURES as exc:
+            except REDIS_FAILURES as exc:
                 redis_timed_out(exc)
                 quiet.warning(
                     "thread pin lookup failed (%s); routing without it", type(exc).__name__
@@ -87,7 +83,7 @@ class RoutingState:
         try:
             async with asyncio.timeout(LOOKUP_SECONDS):
                 return int(await self.conn.call(lambda: self.client.incr(self.keys.round_robin)))
-        except _FAILURES as exc:
+        except REDIS_FAILURES as exc:
             redis_timed_out(exc)
             quiet.warning("round-robin counter failed (%s); counting locally", type(exc).__name__)
             return next(self._local_turns)
@@ -107,7 +103,7 @@ class RoutingState:
                 await self.conn.call(
                     lambda: self.client.set(key, value, ex=self.ttl, nx=not replace)
                 )
-            except _FAILURES as exc:
+            except REDIS_FAILURES as exc:
                 quiet.warning("thread pin write failed (%s)", type(exc).__name__)
             finally:
                 if self._unconfirmed.get(key) == value:
