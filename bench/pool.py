@@ -2,14 +2,14 @@
 
 The fake upstream runs in quota mode (tests/fake_upstream.py): every request it serves spends one
 unit of its account's short ("5-hour") window and weekly window, compressed to seconds, and it
-answers 429 ``usage_limit_reached`` with the window's end when either is spent. Six accounts of
-different sizes (capacities 10..40 units per 30 s window, ``--scale`` times; weekly windows 3x the
-capacity over 90 s), resets staggered, each already ``--start-used`` through its current window
-(a pool in use, not a fresh one). A served request's first byte, with its usage headers, comes
-``--delay`` s after it arrived (and spent its unit), like a model starting to answer; a 429 comes at
-once. Usage is learned only from the proxy's own traffic (the usage poller asks once a minute,
-not settable from the environment: a run ends before its second round; the fake's
-``/wham/usage`` would answer from the quota anyway).
+answers 429 ``usage_limit_reached`` with the window's end when either is spent. Six accounts
+(``--accounts``: 3 to 20, the six sizes in turn) of different sizes (capacities 10..40 units per 30
+s window, ``--scale`` times; weekly windows 3x the capacity over 90 s), resets staggered, each
+already ``--start-used`` through its current window (a pool in use, not a fresh one). A served
+request's first byte, with its usage headers, comes ``--delay`` s after it arrived (and spent its
+unit), like a model starting to answer; a 429 comes at once. Usage is learned only from the proxy's
+own traffic (the usage poller asks once a minute, not settable from the environment: a run ends
+before its second round; the fake's ``/wham/usage`` would answer from the quota anyway).
 
 Each run starts a private redis-server and N ``codex-lb serve`` processes in front of the fake,
 imports the accounts, sets the strategy (PUT /api/settings), starts the quota epoch and sends
@@ -26,7 +26,10 @@ had room when) then gives five figures per run:
 2. Upstream 429s as a share of upstream requests.
 3. Upstream requests per client request (failover attempts).
 4. Stickiness: turns served by the account of the thread's previous turn, among turns whose
-   previous account still had room (truth) when they were sent.
+   previous account still had room (truth) when they were sent; a turn that leaves a detour for
+   the thread's pin once that recovers counts as kept, since CONTRACT §7 says a rate-limited pin
+   "is skipped without being moved and is used again once it recovers" (``sticky/prev`` shows
+   the figure both ways: ``prev`` counts such a return as a miss).
 5. Honest overload: client 429s while no account had room: their latency and whether their
    ``resets_at`` is the earliest moment an account truly has room again.
 """
@@ -107,6 +110,37 @@ POOL = (
     Member("pool-e", 30, 23, 25),
     Member("pool-f", 40, 28, 55),
 )
+POOL_SIZES = range(3, 21)  # the issue's "any pool of 3-20 accounts"
+
+
+def pool_of(size: int, start_used: float = 0.75) -> tuple[Member, ...]:
+    """``size`` accounts: the six sizes in turn, ordered by size with their short windows'
+    resets spread evenly from the first to second 28 of the window (``POOL`` itself for six):
+    the smallest account resets first, as in ``POOL``.
+
+    The first reset comes no sooner than an equal share of a load at the pool's capacity can
+    have spent what the smallest account had left at the epoch (second 3 for six accounts, 5 for
+    three). A window that ends sooner is lost under either strategy the contract defines
+    (usage_weighted weighs by remaining percent, the same for every account at the epoch;
+    round_robin gives equal turns): it would measure the scenario, not the balancer."""
+    bases = sorted((POOL[i % len(POOL)] for i in range(size)), key=lambda m: m.capacity)
+    share = sum(m.capacity for m in bases) / WINDOW_SECONDS / size  # units/s at load 1
+    needed = round((1 - start_used) * bases[0].capacity / share)
+    first = min(max(POOL[0].offset, needed), POOL[-1].offset)
+    seen: collections.Counter[str] = collections.Counter()
+    members = []
+    for i, base in enumerate(bases):
+        seen[base.name] += 1
+        round_ = seen[base.name] - 1
+        members.append(
+            Member(
+                base.name if round_ == 0 else f"{base.name}{round_ + 1}",
+                base.capacity,
+                first + i * (POOL[-1].offset - first) // (size - 1),
+                (base.weekly_offset + 7 * round_) % WEEKLY_WINDOW_SECONDS,
+            )
+        )
+    return tuple(members)
 
 
 def quota_of(member: Member, scale: int, start_used: float) -> dict[str, int]:
@@ -152,6 +186,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sticky_threads_enabled in the runs (default on)",
     )
     group.add_argument("--threads", type=int, default=40, help="conversation threads (default 40)")
+    group.add_argument(
+        "--accounts",
+        type=int,
+        default=len(POOL),
+        help=f"pool size, {POOL_SIZES.start}..{POOL_SIZES.stop - 1} (default {len(POOL)})",
+    )
     group.add_argument(
         "--scale", type=int, default=1, help="multiply every capacity by this (default 1)"
     )
@@ -267,11 +307,17 @@ def _output_text(raw: bytes) -> str:
 
 
 async def _drive(
-    urls: Sequence[str], threads: int, rate: float, duration: float, stream: bool, prefix: str
+    urls: Sequence[str],
+    threads: int,
+    rate: float,
+    duration: float,
+    stream: bool,
+    prefix: str,
+    start_at: float,
 ) -> tuple[list[Sent], int]:
-    """Open-loop load: a request every 1/rate s, each by the thread idle longest (its turns one
-    after another), on the processes in turn. Answers the requests and the ticks skipped
-    because every thread was still waiting."""
+    """Open-loop load from ``start_at`` (epoch seconds): a request every 1/rate s, each by the
+    thread idle longest (its turns one after another), on the processes in turn. Answers the
+    requests and the ticks skipped because every thread was still waiting."""
     payload = json.dumps(body("one more turn", stream=stream)).encode()
     idle = collections.deque(range(threads))
     sent: list[Sent] = []
@@ -287,6 +333,7 @@ async def _drive(
             finally:
                 idle.append(record.thread)
 
+        await asyncio.sleep(max(0.0, start_at - time.time()))
         started = time.monotonic()
         tick = 0
         while tick / rate < duration:
@@ -319,7 +366,8 @@ def _run_one(
 ) -> tuple[list[Sent], int, dict[str, Any]]:
     fake.reset()
     fake.recording(False)
-    for member in POOL:
+    members = pool_of(args.accounts, args.start_used)
+    for member in members:
         fake.configure(
             member.name,
             quota=quota_of(member, args.scale, args.start_used),
@@ -330,8 +378,9 @@ def _run_one(
     with cluster(spec.processes, extra_env=env) as c:
         token = login(c.serves[0].url)
         with session_client(c.serves[0].url, token) as admin:
-            reply = expect(admin.post(IMPORT, files=import_files(fake, [m.name for m in POOL])))
-            if len(ids_by_name(reply.json())) != len(POOL):
+            names = [m.name for m in members]
+            reply = expect(admin.post(IMPORT, files=import_files(fake, names)))
+            if len(ids_by_name(reply.json())) != len(members):
                 raise BenchError(f"import: {reply.text[:300]}")
             wanted = {
                 "routing_strategy": spec.strategy,
@@ -340,13 +389,16 @@ def _run_one(
             }
             version = int(expect(admin.put("/api/settings", json=wanted)).json()["version"])
             _wait_applied(admin, version, spec.processes)
-        capacity = sum(m.capacity * args.scale for m in POOL) / WINDOW_SECONDS
+        capacity = sum(m.capacity * args.scale for m in members) / WINDOW_SECONDS
         rate = args.load * capacity
-        fake.quota_start()
+        # The quota's epoch is a whole second: the next one, and the load starts on it (the
+        # windows in progress at the epoch have their remaining units from then on, not from a
+        # moment up to a second before the first request).
+        epoch = fake.quota_start(int(time.time()) + 1)
         urls = [s.url for s in c.serves]
         prefix = spec.label.replace(" ", "-")
         sent, skipped = asyncio.run(
-            _drive(urls, args.threads, rate, args.duration, args.stream, prefix)
+            _drive(urls, args.threads, rate, args.duration, args.stream, prefix, epoch)
         )
         truth = fake.quota()
     return sent, skipped, truth
@@ -422,18 +474,25 @@ class Known:
     weekly_full: bool
     weekly_end: float
     tag: str | None
-    # Units left in both windows as it said (None: a window's size unknown).
-    left: int | None = None
+    # Units left in each window as it said (None: the window's size unknown).
+    short_left: int | None = None
+    weekly_left: int | None = None
 
     def room(self, now: float, in_flight: int = 0) -> bool:
         """Room for one more request at ``now``, as this answer said, once the requests sent
-        after it and still unanswered have taken theirs (a window that ended is fresh)."""
-        if (self.short_full and self.short_end > now) or (
-            self.weekly_full and self.weekly_end > now
-        ):
-            return False
-        ended = self.short_end <= now or self.weekly_end <= now
-        return ended or self.left is None or self.left - in_flight > 0
+        after it and still unanswered have taken theirs: in each window, one that has ended
+        since is fresh, one still running has what the answer left of it (the weekly window
+        ending does not refill the short one, nor the other way round)."""
+        windows = (
+            (self.short_full, self.short_end, self.short_left),
+            (self.weekly_full, self.weekly_end, self.weekly_left),
+        )
+        for full, end, left in windows:
+            if end <= now:
+                continue
+            if full or (left is not None and left - in_flight <= 0):
+                return False
+        return True
 
 
 class Truth:
@@ -452,11 +511,10 @@ class Truth:
         self.answers: dict[str, list[Known]] = collections.defaultdict(list)
         for event in sorted(self.timeline, key=lambda e: e["answered"]):
             short_cap, weekly_cap = event["short_capacity"], event["weekly_capacity"]
-            lefts = [
-                cap - event[spent]
+            short_left, weekly_left = (
+                cap - event[spent] if cap is not None and event[spent] is not None else None
                 for cap, spent in ((short_cap, "short_spent"), (weekly_cap, "weekly_spent"))
-                if cap is not None and event[spent] is not None
-            ]
+            )
             self.answers[event["account_id"]].append(
                 Known(
                     at=event["answered"],
@@ -465,7 +523,8 @@ class Truth:
                     weekly_full=weekly_cap is not None and event["weekly_spent"] >= weekly_cap,
                     weekly_end=event["weekly_end"],
                     tag=event["tag"],
-                    left=min(lefts) if len(lefts) == 2 else None,
+                    short_left=short_left,
+                    weekly_left=weekly_left,
                 )
             )
         self.answer_times = {a: [k.at for k in ks] for a, ks in self.answers.items()}
@@ -534,6 +593,8 @@ class Figures:
     attempts_max: int = 0
     sticky_eligible: int = 0
     sticky_kept: int = 0
+    # Turns that left a detour for the thread's recovered pin (counted kept by ``sticky_percent``).
+    sticky_returns: int = 0
     pool_out_errors: int = 0
     pool_out_429: int = 0
     refusal_ms_p50: float | None = None
@@ -556,6 +617,17 @@ class Figures:
 
     @property
     def sticky_percent(self) -> float | None:
+        """Turns on the account of the thread's previous turn, or back on its pin after a
+        detour, among turns whose previous account had room: what the contract lets a sticky
+        thread do (a rate-limited pin "is used again once it recovers")."""
+        if not self.sticky_eligible:
+            return None
+        return 100.0 * (self.sticky_kept + self.sticky_returns) / self.sticky_eligible
+
+    @property
+    def sticky_previous_percent(self) -> float | None:
+        """The issue's literal figure: turns on the account of the previous turn only (a
+        return to a recovered pin counts as a miss)."""
         if not self.sticky_eligible:
             return None
         return 100.0 * self.sticky_kept / self.sticky_eligible
@@ -627,19 +699,29 @@ def figures(spec: Spec, rate: float, sent: list[Sent], skipped: int, truth: Trut
     per_request = collections.Counter(e["tag"] for e in upstream)
     f.attempts_max = max(per_request.values(), default=0)
 
-    # 4. Stickiness, turn after turn of each thread.
+    # 4. Stickiness, turn after turn of each thread. Its pin as the client can tell: the account
+    # of its first turn, moved by a turn that went elsewhere while the pin had room in truth; a
+    # turn that went elsewhere while it had none is a detour, and the pin stays (CONTRACT §7).
     last: dict[int, Sent] = {}
+    pins: dict[int, str] = {}
+    by_name = {a.name: a for a in truth.accounts}
     for r in sorted(sent, key=lambda r: r.sent):
         if r.status != 200 or r.account is None:
             continue
         previous = last.get(r.thread)
         last[r.thread] = r
+        pin = pins.setdefault(r.thread, r.account)
+        if r.account != pin and by_name[pin].room(r.sent):
+            pins[r.thread] = r.account
         if previous is None or previous.account is None:
             continue
-        account = next(a for a in truth.accounts if a.name == previous.account)
-        if account.room(r.sent):
+        if by_name[previous.account].room(r.sent):
             f.sticky_eligible += 1
-            f.sticky_kept += r.account == previous.account
+            if r.account == previous.account:
+                f.sticky_kept += 1
+            elif r.account == pin:
+                # Back on its pin after a detour: the contract's "used again once it recovers".
+                f.sticky_returns += 1
 
     # 5. Refusals while no account had room.
     refusal_ms = []
@@ -743,7 +825,9 @@ def _rows(results: Iterable[Figures]) -> list[list[str]]:
                 f"{f.avoidable_known}/{f.avoidable_truth}" + _mark(ok["avoidable"]),
                 f"{f.upstream_429_percent:.1f}%" + _mark(ok["upstream_429"]),
                 _num(f.attempts, ".3f") + _mark(ok["attempts"]),
-                f"{_num(f.sticky_percent, '.0f', '%')} ({f.sticky_eligible})" + _mark(ok["sticky"]),
+                f"{_num(f.sticky_percent, '.1f', '%')}/"
+                f"{_num(f.sticky_previous_percent, '.1f', '%')} ({f.sticky_eligible})"
+                + _mark(ok["sticky"]),
                 f"{_num(f.refusal_ms_p50)}/{_num(f.refusal_ms_max)}" + _mark(ok["refusal_ms"]),
                 f"{f.resets_exact}/{f.pool_out_errors}" + _mark(ok["resets_at"]),
                 f"{f.spent_units}/{f.wasted_units:.0f}",
@@ -762,7 +846,7 @@ HEADERS = [
     "avoid kn/tr",
     "up 429",
     "att/req",
-    "sticky (n)",
+    "sticky/prev (n)",
     "out429 p50/max ms",
     "resets ok/out",
     "spent/wasted",
@@ -820,7 +904,7 @@ def _checks(results: list[Figures]) -> list[Check]:
             lowest=False,
         ),
         worst(
-            "sticky turns kept while the account had room, %",
+            "sticky turns kept while the account had room (or back on the recovered pin), %",
             f">= {TARGET_STICKY_PERCENT:g} %",
             "sticky",
             sticky,
@@ -852,10 +936,14 @@ def run(args: argparse.Namespace) -> list[Check]:
         raise BenchError("--duration, --load, --threads and --scale must be positive")
     if not 0 <= args.start_used <= 1:
         raise BenchError("--start-used is a share, 0..1")
-    capacity = sum(m.capacity * args.scale for m in POOL)
+    if args.accounts not in POOL_SIZES:
+        raise BenchError(f"--accounts: {POOL_SIZES.start}..{POOL_SIZES.stop - 1}")
+    members = pool_of(args.accounts, args.start_used)
+    capacity = sum(m.capacity * args.scale for m in members)
     rate = args.load * capacity / WINDOW_SECONDS
     heading(
-        f"{NAME}: {len(POOL)} accounts ({', '.join(str(m.capacity * args.scale) for m in POOL)} "
+        f"{NAME}: {len(members)} accounts "
+        f"({', '.join(str(m.capacity * args.scale) for m in members)} "
         f"units / {WINDOW_SECONDS} s window, weekly x{WEEKLY_FACTOR} / {WEEKLY_WINDOW_SECONDS} s, "
         f"{args.start_used:.0%} used at the start), {rate:.2f} req/s = {args.load:g} x capacity, "
         f"{args.threads} threads, {args.duration:g} s a run, {len(specs)} runs"
@@ -883,7 +971,8 @@ def run(args: argparse.Namespace) -> list[Check]:
     print(table(HEADERS, _rows(results)))
     print(
         "avoid kn/tr: client errors while an account had room as its last answer said / in "
-        "truth; out429: 429s while no account had room; resets ok/out: those with the earliest "
+        "truth; sticky/prev: kept turns, a return to a recovered pin counted kept / a miss; "
+        "out429: 429s while no account had room; resets ok/out: those with the earliest "
         "real resets_at / all errors while none had room; spent/wasted: units spent, units that "
         "expired unspent (weekly room permitting); ! misses its target"
     )
@@ -895,14 +984,15 @@ def run(args: argparse.Namespace) -> list[Check]:
         stale = _num(f.stale_ms_p50, ".0f", " ms")
         print(
             f"  {f.label}: errors {errors}; upstream {f.upstream} ({f.upstream_429} 429: {causes}; "
-            f"stale by p50 {stale}); max attempts {f.attempts_max}; ticks skipped {f.skipped}"
+            f"stale by p50 {stale}); max attempts {f.attempts_max}; ticks skipped {f.skipped}; "
+            f"turns back on a recovered pin {f.sticky_returns}"
         )
         for line in f.evidence:
             print(f"    avoidable: {line}")
     payload = {
         "benchmark": NAME,
         "config": {
-            "accounts": [asdict(m) for m in POOL],
+            "accounts": [asdict(m) for m in members],
             "scale": args.scale,
             "start_used": args.start_used,
             "load": args.load,
@@ -918,6 +1008,7 @@ def run(args: argparse.Namespace) -> list[Check]:
                 "upstream_429_percent": f.upstream_429_percent,
                 "attempts": f.attempts,
                 "sticky_percent": f.sticky_percent,
+                "sticky_previous_percent": f.sticky_previous_percent,
                 "resets_honest_percent": f.resets_honest,
                 "passes": f.passes(),
             }
