@@ -21,7 +21,7 @@ from service.core.connection import new_write_id
 from service.core.errors import StoreError, StoreUnavailable
 from service.core.throttled_log import ThrottledLog
 from service.ops.request_log import Entry, RequestLogStore
-from service.proxy.trace import Trace
+from service.proxy.trace import Record, Trace
 
 log = logging.getLogger(__name__)
 quiet = ThrottledLog(log)
@@ -107,30 +107,10 @@ class RequestLogWriter:
 
     def _entry(self, trace: Trace) -> Entry:
         account = self.accounts.accounts.get(trace.account_id) if trace.account_id else None
-        return Entry(
-            at=trace.at,
-            method=trace.method,
-            path=trace.path,
-            status=trace.status,
-            model=trace.model,
-            stream=trace.stream,
-            error_code=trace.error_code,
-            api_key_id=trace.api_key_id,
-            api_key_name=trace.api_key_name,
-            account_id=trace.account_id,
-            account_email=account.email if account is not None else None,
-            thread_sticky=trace.thread_sticky,
-            attempts=trace.attempts,
-            first_event_ms=_ms(trace.first_event_ms),
-            duration_ms=_ms(trace.duration_ms) or 0.0,
-            input_tokens=trace.input_tokens,
-            cached_input_tokens=trace.cached_input_tokens,
-            output_tokens=trace.output_tokens,
-            reasoning_tokens=trace.reasoning_tokens,
-            request_id=trace.request_id,
-            upstream_request_id=trace.upstream_request_id,
-            settings_version=trace.settings_version,
-        )
+        fields = {name: getattr(trace, name) for name in Record.__struct_fields__}
+        fields["first_event_ms"] = _ms(trace.first_event_ms)
+        fields["duration_ms"] = _ms(trace.duration_ms) or 0.0
+        return Entry(**fields, account_email=account.email if account is not None else None)
 
 
 def _ms(value: float | None) -> float | None:

@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from service.core.connection import Connection, ScriptArg, text
+from service.proxy.trace import Record
 
 # An hour's counters outlive the longest window by a day.
 HOUR_TTL_SECONDS = 8 * 24 * 3600
@@ -35,31 +36,11 @@ KEYLESS = "-"  # the key "id" of requests that came without an API key
 CLIENT_LEFT = "client_disconnected"
 
 
-class Entry(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One proxied request as stored (the id is the stream's)."""
+class Entry(Record, kw_only=True, omit_defaults=True):
+    """One proxied request as stored (the id is the stream's): what its trace gathered, and the
+    account's email as it was then."""
 
-    at: float
-    method: str
-    path: str
-    status: int
-    model: str | None = None
-    stream: bool = False
-    error_code: str | None = None
-    api_key_id: str | None = None
-    api_key_name: str | None = None
-    account_id: str | None = None
     account_email: str | None = None
-    thread_sticky: bool = False
-    attempts: int = 0
-    first_event_ms: float | None = None
-    duration_ms: float = 0.0
-    input_tokens: int | None = None
-    cached_input_tokens: int | None = None
-    output_tokens: int | None = None
-    reasoning_tokens: int | None = None
-    request_id: str | None = None
-    upstream_request_id: str | None = None
-    settings_version: int | None = None
 
     @property
     def error(self) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextvars
 import time
-from dataclasses import dataclass
 from typing import Protocol
 
 import msgspec
@@ -21,16 +20,16 @@ from service.core.request_ids import current_request_id
 from service.proxy.token_usage import TokenUsage
 
 
-@dataclass(slots=True)
-class Trace:
+class Record(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What a proxied request did, field by field: what the trace gathers and, with what the
+    request log adds, what it stores (``ops.request_log.Entry``)."""
+
+    at: float  # wall clock, when the request arrived
     method: str
     path: str
-    at: float  # wall clock, when the request arrived
-    started: float  # monotonic, same moment
-    request_id: str | None = None
+    status: int = 0
     model: str | None = None
     stream: bool = False
-    status: int = 0
     error_code: str | None = None
     api_key_id: str | None = None
     api_key_name: str | None = None
@@ -43,9 +42,14 @@ class Trace:
     cached_input_tokens: int | None = None
     output_tokens: int | None = None
     reasoning_tokens: int | None = None
+    request_id: str | None = None
     upstream_request_id: str | None = None
     # The settings version the request was routed by (how fast a change reached traffic).
     settings_version: int | None = None
+
+
+class Trace(Record, kw_only=True):
+    started: float  # monotonic, when the request arrived
 
     def first_event(self) -> None:
         if self.first_event_ms is None:
@@ -87,7 +91,13 @@ class TraceSink(Protocol):
 
 
 def open_trace(method: str, path: str) -> Trace:
-    trace = Trace(method, path, time.time(), time.monotonic(), current_request_id())
+    trace = Trace(
+        at=time.time(),
+        method=method,
+        path=path,
+        started=time.monotonic(),
+        request_id=current_request_id(),
+    )
     _current.set(trace)
     return trace
 
