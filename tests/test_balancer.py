@@ -3,6 +3,7 @@ account copies at one instant."""
 
 from __future__ import annotations
 
+import collections
 import random
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from service.accounts.hot import HotStore, LiveAccountStates
 from service.core.connection import Connection, connect
 from service.proxy.balancer import Candidate, Choice, Pin, Policy, Pool, Window, needs_turn, pick
 from service.proxy.candidates import candidates
+from service.proxy.draws import EvenDraws
 
 STICKY = Policy("usage_weighted", prefer_earlier_reset_accounts=False, sticky_threads_enabled=True)
 LOOSE = Policy("usage_weighted", prefer_earlier_reset_accounts=False, sticky_threads_enabled=False)
@@ -244,3 +246,31 @@ def test_prefer_earlier_reset_counts_an_account_of_unknown_reset_in_the_bucket()
     pool = Pool.build([known, later, unknown], NOW)
     picked = {pick(pool, prefer, None, turn=0, rand=const(i / 40)).account_id for i in range(40)}  # type: ignore[union-attr]
     assert picked == {"known", "unknown"}
+
+
+def test_usage_weighted_draws_are_uniform_and_spread_evenly_over_a_few_dozen_picks() -> None:
+    # Each draw is uniform on [0, 1): over many, every tenth of it gets a tenth of them.
+    draws = EvenDraws(0.3)
+    tenths = collections.Counter(int(draws() * 10) for _ in range(10_000))
+    assert all(990 <= tenths[i] <= 1010 for i in range(10)), tenths
+    # And successive ones spread: whatever the start, 40 new threads over six accounts with
+    # the same remaining capacity give each 5 to 8 of them, 6.7 on average (independent draws
+    # left one with 3 or fewer in about 4 runs of 10), and 50 picks by unequal weights each
+    # share within two of its due.
+    rng = random.Random(11)
+    even = Pool.build([used(name, 75.0) for name in "abcdef"], NOW)
+    uneven = Pool.build([used("a", 90.0), used("b", 70.0), used("c", 40.0)], NOW)  # 10:30:60
+    for _ in range(200):
+        draws = EvenDraws(rng.random())
+        spread = collections.Counter(
+            pick(even, STICKY, None, turn=0, rand=draws).account_id  # type: ignore[union-attr]
+            for _ in range(40)
+        )
+        assert len(spread) == 6, spread
+        assert all(5 <= count <= 8 for count in spread.values()), spread
+        shares = collections.Counter(
+            pick(uneven, LOOSE, None, turn=0, rand=draws).account_id  # type: ignore[union-attr]
+            for _ in range(50)
+        )
+        expected = {"a": 5, "b": 15, "c": 30}
+        assert all(abs(shares[n] - expected[n]) <= 2 for n in expected), shares

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -329,6 +330,18 @@ async def test_sticky_threads_keep_their_account_and_limited_pins_are_kept(
         account_id, HotState(cooldown=Cooldown(until=None, failures=0), cooldown_at=time.time())
     )
     assert (await pool.ask(headers={"session_id": "t1"}))[1] == pinned
+
+
+async def test_new_threads_spread_over_the_pool_by_its_weights_within_a_few(pool: Pool) -> None:
+    # Six accounts with the same remaining capacity: each of 42 new threads is a weighted random
+    # choice, and successive choices spread evenly (proxy/draws), so none gets a share far off
+    # its due 7; a share it did not get is quota its window may end with unspent.
+    names = [f"acct-{c}" for c in "abcdef"]
+    await pool.add(*names)
+    await pool.settings(routing_strategy="usage_weighted", sticky_threads_enabled=True)
+    spread = Counter([(await pool.ask(headers={"session_id": f"t{i}"}))[1] for i in range(42)])
+    assert sorted(spread) == names, spread
+    assert all(5 <= count <= 9 for count in spread.values()), spread
 
 
 async def test_a_paused_or_deleted_pin_moves_and_sticky_off_routes_afresh(

@@ -10,7 +10,6 @@ bad, is the upstream's answer to the client and is passed on as it is.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from service.proxy.balancer import (
     saturated,
 )
 from service.proxy.candidates import PoolView
+from service.proxy.draws import EvenDraws
 from service.proxy.learning import Learner
 from service.proxy.reservations import RESERVE_BELOW, Reservations
 from service.proxy.routing_state import Pinned, RoutingState
@@ -106,6 +106,8 @@ class Relay:
         self.tokens = tokens
         self.box = box
         self.reservations = reservations
+        # usage_weighted's draws: uniform, and spread evenly over successive picks.
+        self.draws = EvenDraws()
         # When each request still waiting for its answer was sent, by account: those sent after
         # the account's last known usage are spending units that usage does not count yet.
         self.inflight: dict[str, list[float]] = {}
@@ -154,7 +156,7 @@ class Relay:
             pool = self.view.current(time.time())  # the await may have let news in
         skip = failed
         while True:
-            choice = pick(pool, policy, pin, turn=turn, rand=random.random, exclude=skip)
+            choice = pick(pool, policy, pin, turn=turn, rand=self.draws, exclude=skip)
             if choice is None:
                 return None
             account_id = choice.account_id
