@@ -8,14 +8,13 @@ when the thread is resumed. Skipped only where npm is absent (scripts/codex-cli 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.codex_cli import codex_binary, run_codex
-from tests.fake_upstream import ANONYMOUS, FakeUpstream, running_fake
+from tests.fake_upstream import ANONYMOUS, FakeUpstream
 
 # The first run may install the CLI (scripts/codex-cli, a few seconds to a minute).
 pytestmark = pytest.mark.timeout(900)
@@ -32,18 +31,13 @@ def codex() -> str:
     return binary
 
 
-@pytest.fixture(scope="module")
-def fake_server() -> Iterator[FakeUpstream]:
-    with running_fake() as fake:
-        yield fake
-
-
 @pytest.fixture
-def fake(fake_server: FakeUpstream) -> FakeUpstream:
-    """The fake, reset; with an API key the CLI sends no chatgpt-account-id (``anonymous``)."""
-    fake_server.reset()
-    fake_server.settings(require_account_id=False)
-    return fake_server
+def fake(fake_process: FakeUpstream) -> FakeUpstream:
+    """The fake (conftest's, one per module), reset; with an API key the CLI sends no
+    chatgpt-account-id (``anonymous``)."""
+    fake_process.reset()
+    fake_process.settings(require_account_id=False)
+    return fake_process
 
 
 def responses(fake: FakeUpstream, since: int = 0) -> list[dict[str, Any]]:
