@@ -21,7 +21,7 @@ from service.accounts.domain import Cooldown, HotState, Usage
 from service.accounts.hot import HotStore, LiveAccountStates
 from service.core.errors import ServiceError
 from service.core.throttled_log import ThrottledLog
-from service.proxy.units import UnitSteps, same_window
+from service.proxy.units import UnitSteps
 
 log = logging.getLogger(__name__)
 quiet = ThrottledLog(log)
@@ -61,6 +61,12 @@ def _same(a: Usage, b: Usage) -> bool:
         )
 
     return key(a) == key(b)
+
+
+def same_window(a: float | None, b: float | None) -> bool:
+    """Two answers speak of one window: the same reset time (computed from reset-after-seconds,
+    it drifts by a second between answers)."""
+    return a is not None and b is not None and abs(a - b) < 2
 
 
 def _no_going_back(known: Usage, new: Usage) -> Usage:

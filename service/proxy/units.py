@@ -1,52 +1,55 @@
 """How many more requests an account's windows can take, as far as its answers tell.
 
 The upstream reports a window's use as a percent, not in requests; but each request moves it by
-a step, so the smallest rise seen between two answers within one window is (at most) what one
-request costs. From it, the percent left gives the requests left, which lets the proxy keep
-requests already on their way from overshooting an account's last units: it sends no more at
-once than the account has left. Until a step has been seen nothing is assumed.
+a step, so every percent it reports is a whole number of steps (spent / capacity · 100). The
+step is then the largest one that every percent seen is a multiple of (Euclid's algorithm,
+rounding noise counted as none), learned from the first two percents that differ: 80 and 87.5
+teach 2.5. (The rise between two answers would say less: answers seen by several processes, or
+written in batches, span several requests, and 7.5 there would cut the requests left to a
+third.) From the step, the percent left gives the requests left, which keeps requests already on
+their way from overshooting an account's last units: the proxy sends no more at once than the
+account has left. Until two percents have differed nothing is assumed.
 
-Learned by each process from the answers it sees (``Learner``); a step is a property of the
+Learned by each process from the answers it hears (``Learner``); a step is a property of the
 account's plan, so it is kept across windows.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from service.accounts.domain import Usage
 
-# A rise smaller than this is rounding noise, not a request's cost.
+# A percent or a remainder smaller than this is rounding noise, not a request's cost.
 _MIN_STEP = 0.01
+
+
+@dataclass(frozen=True)
+class _Step:
+    """A window's step so far: the common divisor of its percents, and whether two have
+    differed (one percent alone is no step: 80 could be 32 requests of 2.5 or one of 80)."""
+
+    size: float
+    known: bool = False
+
+    def seen(self, percent: float) -> _Step:
+        size = common_step(self.size, percent)
+        return _Step(size, self.known or abs(percent - self.size) >= _MIN_STEP)
 
 
 class UnitSteps:
     def __init__(self) -> None:
-        # account id -> (short window's step, weekly window's step), percent per request
-        self._steps: dict[str, tuple[float | None, float | None]] = {}
+        # account id -> (short window's step, weekly window's step)
+        self._steps: dict[str, tuple[_Step | None, _Step | None]] = {}
         # Bumped when a step changes, so a pool view made from them is made again.
         self.generation = 0
 
     def observe(self, account_id: str, before: Usage | None, after: Usage) -> None:
-        if before is None:
-            return
         old = self._steps.get(account_id, (None, None))
-        new = (
-            _step(
-                old[0],
-                before.primary_used_percent,
-                before.primary_reset_at,
-                after.primary_used_percent,
-                after.primary_reset_at,
-            ),
-            _step(
-                old[1],
-                before.secondary_used_percent,
-                before.secondary_reset_at,
-                after.secondary_used_percent,
-                after.secondary_reset_at,
-            ),
-        )
+        short = [u.primary_used_percent for u in (before, after) if u is not None]
+        weekly = [u.secondary_used_percent for u in (before, after) if u is not None]
+        new = (_seen(old[0], short), _seen(old[1], weekly))
         if new != old:
             self._steps[account_id] = new
             self.generation += 1
@@ -65,35 +68,36 @@ class UnitSteps:
         return min(left) if left else None
 
 
-def same_window(a: float | None, b: float | None) -> bool:
-    """Two answers speak of one window: the same reset time (computed from reset-after-seconds,
-    it drifts by a second between answers)."""
-    return a is not None and b is not None and abs(a - b) < 2
+def common_step(a: float, b: float) -> float:
+    """The largest step both percents are whole multiples of, give or take rounding noise.
+
+    If the upstream rounded its percents coarsely (or a request's cost varies), the noise can
+    leave a step smaller than a request's cost: the requests left are then overestimated, which
+    spares nothing in flight but never turns a request away."""
+    a, b = max(a, b), min(a, b)
+    while True:
+        rest = math.fmod(a, b)
+        if rest < _MIN_STEP or b - rest < _MIN_STEP:
+            return b
+        # The step at least halves every other round: this ends within ~30 rounds.
+        a, b = b, rest
 
 
-def _step(
-    known: float | None,
-    before: float | None,
-    before_reset: float | None,
-    after: float | None,
-    after_reset: float | None,
-) -> float | None:
-    if before is None or after is None or not same_window(before_reset, after_reset):
-        return known
-    rise = after - before
-    if rise < _MIN_STEP:
-        return known
-    return rise if known is None else min(known, rise)
+def _seen(step: _Step | None, percents: list[float | None]) -> _Step | None:
+    for percent in percents:
+        if percent is None or percent < _MIN_STEP:
+            continue
+        step = _Step(percent) if step is None else step.seen(percent)
+    return step
 
 
-def _left(step: float | None, used: float | None, reset_at: float | None, now: float) -> int | None:
-    if step is None or used is None:
+def _left(step: _Step | None, used: float | None, reset_at: float | None, now: float) -> int | None:
+    if step is None or not step.known or used is None:
         return None
     if reset_at is not None and reset_at <= now:
         return None  # a fresh window: its size is not this one's business
     if used >= 100.0:
         return 0
     # A hair of tolerance: 100 - 97.5 over a step of 2.5 is one request, not 0.9999. A window
-    # not full takes at least one more, whatever the step seemed (seen from several processes,
-    # a rise can span several requests).
-    return max(1, math.floor((100.0 - used) / step + 1e-6))
+    # not full takes at least one more.
+    return max(1, math.floor((100.0 - used) / step.size + 1e-6))
