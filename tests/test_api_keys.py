@@ -12,6 +12,7 @@ import hashlib
 import ipaddress
 import json
 import re
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
@@ -19,13 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema_rs
+import msgspec
 import pytest
 import redis
 import respx
 
 from service.api_keys.live import LiveApiKeys
+from service.api_keys.schemas import ApiKeyCreate, ApiKeyPatch
 from service.app import create_app
 from service.config import DEFAULT_UPSTREAM_BASE_URL, Config
+from service.core.bodies import NOT_BLANK
 from tests.conftest import AppHarness, make_config, setup_password
 from tests.factories import auth_json
 from tests.support import RedisServer, free_port, stored_under
@@ -243,6 +248,26 @@ async def test_names_are_trimmed_and_100_characters_is_allowed(admin: httpx.Asyn
     assert (await create(admin, "  spaced  "))["name"] == "spaced"
 
 
+def test_the_documented_name_pattern_refuses_exactly_what_the_server_calls_blank() -> None:
+    """/openapi.json says a name needs one character matching its pattern; the server strips and
+    refuses an empty result. Read the way a client reads it (an ECMA-262 regex, as jsonschema_rs
+    and schemathesis do), the pattern must agree with the server on every code point, or a
+    client's validator passes names the server answers 422 (``\\S`` did: U+0085, U+001C)."""
+    schemas = msgspec.json.schema_components([ApiKeyCreate, ApiKeyPatch])[1]
+    for name in ("ApiKeyCreate", "ApiKeyPatch"):
+        named = schemas[name]["properties"]["name"]
+        assert named["pattern"] == NOT_BLANK, named
+    client = jsonschema_rs.validator_for({"type": "string", "pattern": NOT_BLANK})
+    server = re.compile(NOT_BLANK)
+    for code in range(sys.maxunicode + 1):
+        char = chr(code)
+        if 0xD800 <= code <= 0xDFFF:
+            continue  # a lone surrogate is not a JSON string's character
+        blank = not char.strip()
+        assert client.is_valid(char) is not blank, hex(code)
+        assert (server.search(char) is None) is blank, hex(code)
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 FUTURE = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -254,6 +279,7 @@ FUTURE = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
         ({"name": ""}, "$.name"),
         ({"name": "   "}, "$.name"),
         ({"name": "\t\n"}, "$.name"),
+        ({"name": "\x85\u3000"}, "$.name"),
         ({"name": "x" * 101}, "$.name"),
         ({"name": 5}, "$.name"),
         ({"name": None}, "$.name"),
@@ -288,6 +314,7 @@ async def test_bad_patch_bodies_are_422_and_change_nothing(admin: httpx.AsyncCli
     for body, path in [
         ({"name": ""}, "$.name"),
         ({"name": "  "}, "$.name"),
+        ({"name": "\x85"}, "$.name"),  # Python strips NEL; ECMA's \S would have let it through
         ({"name": "y" * 101}, "$.name"),
         ({"is_active": "no"}, "$.is_active"),
         ({"is_active": None}, "$.is_active"),

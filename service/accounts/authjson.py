@@ -14,6 +14,8 @@ from typing import Annotated, Any
 
 import msgspec
 
+from service.core.bodies import NOT_BLANK
+
 AUTH_CLAIM = "https://api.openai.com/auth"
 PLAN_TYPES = frozenset({"free", "plus", "pro", "team", "business", "enterprise", "edu"})
 
@@ -23,7 +25,7 @@ class AuthJsonError(ValueError):
 
 
 # Not blank: ``parse`` strips each token and refuses an empty one.
-_Token = Annotated[str, msgspec.Meta(pattern=r"\S")]
+_Token = Annotated[str, msgspec.Meta(pattern=NOT_BLANK)]
 
 
 class AuthJsonTokens(msgspec.Struct):

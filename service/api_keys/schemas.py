@@ -7,11 +7,13 @@ from typing import Annotated
 
 from msgspec import UNSET, Meta, UnsetType
 
-from service.core.bodies import RequestBody, ResponseBody
+from service.core.bodies import NOT_BLANK, RequestBody, ResponseBody
 
-# Not blank either: ``_name`` checks that, with its own message; the pattern only tells
+# Not blank either: ``valid_name`` checks that, with its own message; the pattern only tells
 # /openapi.json.
-KeyName = Annotated[str, Meta(min_length=1, max_length=100, extra_json_schema={"pattern": r"\S"})]
+KeyName = Annotated[
+    str, Meta(min_length=1, max_length=100, extra_json_schema={"pattern": NOT_BLANK})
+]
 
 
 class ApiKeyCreate(RequestBody):

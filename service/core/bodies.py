@@ -30,6 +30,13 @@ class ResponseBody(msgspec.Struct, kw_only=True):
     """Base of every response body."""
 
 
+# A string that is not blank holds one character ``str.strip()`` keeps. ``\S`` is not that: in
+# ECMA-262 (the dialect of /openapi.json patterns) U+0085 and U+001C..U+001F are not whitespace,
+# while Python strips them, so a client's validator would pass a name the server refuses. The
+# class lists exactly the 29 characters for which ``str.isspace()`` is true and reads the same in
+# both dialects (tests/test_api_keys.py checks it against every code point).
+NOT_BLANK = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+
 JSON_BODY_LIMIT = 64 * 1024
 
 _encoder = msgspec.json.Encoder()
