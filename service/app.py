@@ -47,6 +47,7 @@ from service.core.hub import Hub
 from service.core.leases import Leases
 from service.core.request_ids import RequestIds
 from service.core.secret_box import EncryptionKeyError, SecretBox, load_key
+from service.core.tasks import cancel_and_wait
 from service.core.workers import WorkerRegistry
 from service.ops import health, metrics, openapi, usage_routes
 from service.ops.log_writer import RequestLogWriter
@@ -68,6 +69,8 @@ from service.ui import routes as ui_routes
 
 log = logging.getLogger(__name__)
 
+# How long shutdown gives the poller, the learner and the request-log writer to stop.
+BACKGROUND_STOP_SECONDS = 5.0
 # How long shutdown waits for token refreshes under way to store their result.
 TOKEN_DRAIN_SECONDS = 15.0
 # How long shutdown waits to share what traffic taught (usage, cooldowns, pins).
@@ -310,10 +313,7 @@ def create_app(config: Config) -> Starlette:
             # Reached once no request is in flight (the server drained them, or cancelled what
             # outlived CODEX_LB_DRAIN_SECONDS).
             hub.draining = True
-            polling.cancel()
-            learning.cancel()
-            logging_requests.cancel()
-            await asyncio.wait([polling, learning, logging_requests], timeout=5)
+            await cancel_and_wait([polling, learning, logging_requests], BACKGROUND_STOP_SECONDS)
             await parts.poller.stop()
             # Serving nothing any more: leave pub/sub and the worker registry now, so the
             # propagation view and PUT ?wait=true stop counting this process.

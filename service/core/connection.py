@@ -16,6 +16,7 @@ before the client gives up waiting) does nothing and answers ``LATE``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -68,6 +69,12 @@ def _refused_before_running(exc: ResponseError) -> bool:
     return str(exc).startswith(("MISCONF", "OOM", "READONLY", "LOADING", "MASTERDOWN", "LATE"))
 
 
+def _raise_lost_cancel(task: asyncio.Task[Any] | None, cancels_before: int) -> None:
+    """A cancel was asked for while the operation ran, and did not come out of it."""
+    if task is not None and task.cancelling() > cancels_before:
+        raise asyncio.CancelledError()
+
+
 def connect(url: str) -> aioredis.Redis:
     """A client that fails fast: a dead Redis must turn into a quick 503, not a hang.
 
@@ -100,10 +107,20 @@ class Connection:
     async def call(op: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis operation: connection trouble, or Redis turning the command away
         before running it, is ``StoreUnavailable`` (503); Redis failing it (a script error, a
-        wrong type) is ``StoreError`` (500, the cause logged, never shown)."""
+        wrong type) is ``StoreError`` (500, the cause logged, never shown).
+
+        A cancel of the calling task during the operation ends in CancelledError, even where
+        redis-py lost it: on 3.11 its socket write (``asyncio.wait_for``) can return the result
+        instead, and a cancel landing mid-command can come out as a ConnectionError that its
+        retry then hides. Measured with redis-py 8.2: most cancels of a task looping on PING
+        were lost that way, and a loop that carries on after StoreUnavailable never ended.
+        """
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         try:
-            return await op()
+            result = await op()
         except (ResponseError, DataError) as exc:
+            _raise_lost_cancel(task, cancels)
             if isinstance(exc, ResponseError) and _refused_before_running(exc):
                 redis_error("unavailable")
                 raise StoreUnavailable() from exc
@@ -111,8 +128,11 @@ class Connection:
             log.error("redis refused a command: %s", exc)
             raise StoreError() from exc
         except (RedisError, OSError) as exc:
+            _raise_lost_cancel(task, cancels)
             redis_error("unavailable")
             raise StoreUnavailable() from exc
+        _raise_lost_cancel(task, cancels)
+        return result
 
     def script(self, body: str) -> AsyncScript:
         """A script that only reads, or whose repeat is harmless."""

@@ -34,6 +34,7 @@ from typing import Protocol
 from service.core.connection import Connection
 from service.core.errors import StoreUnavailable
 from service.core.metrics import redis_error
+from service.core.tasks import cancel_and_wait
 from service.core.workers import WorkerRecord, WorkerRegistry, hostname
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ HEARTBEAT_SECONDS = 1.0
 RETRY_MIN_SECONDS = 0.05
 RETRY_MAX_SECONDS = 1.0
 STOP_SECONDS = 5.0
-STOP_RECANCEL_SECONDS = 0.05
 
 # (settings version applied, when) for the heartbeat; None before the first load.
 Report = Callable[[], tuple[int, float] | None]
@@ -118,15 +118,7 @@ class Hub:
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
-        # Cancel again until they end: on 3.11 asyncio.wait_for (which redis-py uses for socket
-        # writes) swallows a cancel that lands as its inner operation completes, and the task
-        # would carry on with its loop.
-        pending = set(tasks)
-        deadline = time.monotonic() + STOP_SECONDS
-        while pending and time.monotonic() < deadline:
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=STOP_RECANCEL_SECONDS)
+        await cancel_and_wait(tasks, STOP_SECONDS)
         with contextlib.suppress(StoreUnavailable):
             await self.workers.deregister(self.worker_id)
 

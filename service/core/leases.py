@@ -12,6 +12,7 @@ import time
 
 from service.core.connection import Connection, ScriptArg
 from service.core.errors import StoreUnavailable
+from service.core.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,12 @@ class HeldLease:
         return True
 
     async def _renew(self) -> None:
+        # Each turn checks that it is still the lease's renewal: a release whose cancel was lost
+        # (service/core/tasks.py) must not be undone by a renewal going on.
         while True:
             await asyncio.sleep(self.seconds / 3)
+            if self._renewal is not asyncio.current_task():
+                return
             asked = time.monotonic()
             try:
                 ours = await self.leases.renew(self.name, self.owner, self.seconds)
@@ -87,6 +92,8 @@ class HeldLease:
                 # Not lost yet: the last grant still runs, and the next renewal may get through.
                 log.warning("could not renew the lease %s: the store is unavailable", self.name)
                 continue
+            if self._renewal is not asyncio.current_task():
+                return
             if not ours:
                 log.warning("lost the lease %s while holding it", self.name)
                 self.held_until = 0.0
@@ -94,11 +101,13 @@ class HeldLease:
             self.held_until = asked + self.seconds
 
     async def release(self) -> None:
-        if self._renewal is not None:
-            self._renewal.cancel()
-            # wait(), not await: a cancellation of our own caller must still reach it.
-            await asyncio.wait([self._renewal])
-            self._renewal = None
+        # The renewal is cancelled again until it ends (service/core/tasks.py: a cancel can be
+        # lost inside redis-py; the renewal then held the lease, and our caller, for ever).
+        # Bounded by the lease's length; a renewal left running ends at its next turn, seeing
+        # itself no longer the lease's, and the lease simply expires.
+        renewal, self._renewal = self._renewal, None
+        if renewal is not None and await cancel_and_wait([renewal], self.seconds):
+            log.warning("the renewal of the lease %s did not stop at once", self.name)
         self.held_until = 0.0
         # If the store is down the lease simply expires; the holder's outcome stands.
         with contextlib.suppress(StoreUnavailable):
