@@ -62,17 +62,22 @@ async def test_a_task_that_swallows_cancels_is_cancelled_again() -> None:
 
 
 async def test_a_task_that_never_stops_is_given_back_after_the_bound() -> None:
-    async def never_stops() -> None:
-        while True:
+    stubborn = True
+
+    async def eats_cancels_while_stubborn() -> None:
+        while stubborn:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.sleep(30)
 
-    task = asyncio.create_task(never_stops())
+    task = asyncio.create_task(eats_cancels_while_stubborn())
+    other = asyncio.create_task(asyncio.sleep(30))
     await asyncio.sleep(0)
     started = time.monotonic()
-    assert await cancel_and_wait([task, asyncio.create_task(asyncio.sleep(30))], 0.3) == {task}
+    assert await cancel_and_wait([task, other], 0.3) == {task}
     assert 0.3 <= time.monotonic() - started < 1.0
-    task.get_coro().close()  # type: ignore[union-attr]
+    assert other.cancelled()
+    stubborn = False
+    assert await cancel_and_wait([task], 1.0) == set()
 
 
 class SwallowingLeases:
