@@ -1,11 +1,12 @@
 """Stopping background tasks for sure.
 
-On Python 3.11 ``asyncio.wait_for``, which redis-py uses for every socket write, swallows a
-cancel that lands as its inner operation completes: the task gets the result instead of the
-CancelledError and carries on with its loop. Measured here (redis-py 8.2): about one cancel in
-ten of a task looping on PING is lost. So a single ``cancel()`` followed by an unbounded wait can
-hang for ever, and a bounded one can leave the task running on a closed connection. A task is
-stopped by cancelling it again until it ends.
+On Python 3.11 ``asyncio.wait_for`` swallows a cancel that lands as its inner operation
+completes: the task gets the result instead of the CancelledError and carries on with its loop.
+Redis calls made through ``Connection.call`` re-raise such a lost cancel themselves, but not
+everything a background task awaits goes through it (pub/sub reads, our own ``wait_for`` in the
+request-log writer). So a single ``cancel()`` followed by an unbounded wait can hang for ever,
+and a bounded one can leave the task running on a closed connection: a task is stopped by
+cancelling it again until it ends.
 """
 
 from __future__ import annotations
